@@ -1,0 +1,93 @@
+"""Enqueue, status and cancel against Redis: everything the tools do, minus MCP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from mcp_frontend.waiters import TerminalWaiters
+from worker.contract import (
+    PENDING_STATUSES,
+    JobRecord,
+    JobStatus,
+    JobTicket,
+    StateChange,
+    Status,
+    utcnow,
+)
+from worker.store import JobStore
+
+
+class JobNotFound(LookupError):
+    """No record for this job id: never existed, or expired after its TTL."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class NotCancellable(Exception):
+    """The job already started or finished; only queued or waiting jobs can be cancelled."""
+
+    def __init__(self, status: JobStatus) -> None:
+        super().__init__(status.status)
+        self.status = status
+
+
+class JobService:
+    def __init__(self, store: JobStore, waiters: TerminalWaiters, *, max_wait_s: float) -> None:
+        self.store = store
+        self.waiters = waiters
+        self.max_wait_s = max_wait_s
+
+    async def submit(self, change: StateChange) -> JobTicket:
+        """Store one change and queue it; raises QueueFull or IdempotencyConflict."""
+        enqueued = await self.store.enqueue(JobRecord.new(change, enqueued_at=utcnow()))
+        return JobTicket.of(enqueued.record, deduplicated=enqueued.deduplicated)
+
+    async def get(self, job_id: str) -> JobStatus:
+        record = await self.store.load(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return JobStatus.of(record)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobStatus]:
+        """All statuses in input order, read in one round trip; any unknown id fails the call."""
+        records = await self.store.load_many(job_ids)
+        statuses: list[JobStatus] = []
+        for job_id, record in zip(job_ids, records, strict=True):
+            if record is None:
+                raise JobNotFound(job_id)
+            statuses.append(JobStatus.of(record))
+        return statuses
+
+    async def wait(self, job_id: str, wait_s: float) -> JobStatus:
+        """The job's status once terminal, or when `wait_s` (capped) runs out."""
+        deadline = time.monotonic() + min(max(wait_s, 0.0), self.max_wait_s)
+        async with self.waiters.watch(job_id) as terminal:
+            while True:
+                status = await self.get(job_id)
+                remaining = deadline - time.monotonic()
+                if status.status.is_terminal or remaining <= 0:
+                    return status
+                try:
+                    await asyncio.wait_for(terminal.wait(), remaining)
+                except TimeoutError:
+                    pass
+                terminal.clear()
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        moved = await self.store.transition(
+            job_id,
+            allowed=PENDING_STATUSES,
+            status=Status.CANCELLED,
+            set_fields={"finished_at": utcnow()},
+            clear_fields=("next_attempt_at",),
+        )
+        if moved.status is None:
+            raise JobNotFound(job_id)
+        status = await self.get(job_id)
+        if not moved.applied and status.status is not Status.CANCELLED:
+            raise NotCancellable(status)
+        return status

@@ -1,0 +1,218 @@
+"""The MCP server: tools that enqueue state changes and report on jobs.
+
+Tools never call Prefect. Errors a caller can act on become `ToolError`s that
+name the field and the rule; anything else is logged and reported generically.
+"""
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mcp_frontend.jobs import JobNotFound, JobService, NotCancellable
+from mcp_frontend.waiters import TerminalWaiters
+from worker.contract import InvalidChange, JobStatus, JobTicket, RunType, StateChange
+from worker.settings import Settings
+from worker.store import IdempotencyConflict, JobStore, QueueFull
+
+log = logging.getLogger(__name__)
+
+MAX_JOB_IDS = 1_000
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+T = TypeVar("T")
+Ctx = Context[JobService, Any]
+
+StateArg = Annotated[
+    str,
+    Field(
+        description="Prefect state type, case-insensitive: SCHEDULED, PENDING, RUNNING, "
+        "COMPLETED, FAILED, CANCELLED, CRASHED, PAUSED or CANCELLING."
+    ),
+]
+MessageArg = Annotated[str | None, Field(description="Optional state message.")]
+ForceArg = Annotated[
+    bool, Field(strict=True, description="Ask Prefect to skip its orchestration rules.")
+]
+IdempotencyArg = Annotated[
+    str | None,
+    Field(
+        description="Optional key (1-128 of A-Z a-z 0-9 . _ : -); a repeat returns the same job."
+    ),
+]
+JobIdArg = Annotated[str, Field(description="A job id returned by a state-change tool.")]
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
+_SUBMIT = ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+)
+_READ = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+_CANCEL = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
+
+
+def build_server(settings: Settings) -> MCPServer:
+    """The MCPServer with every tool; Redis is opened by its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
+        redis = Redis.from_url(settings.redis_url)
+        store = JobStore(
+            redis,
+            result_ttl_s=settings.result_ttl_s,
+            job_deadline_s=settings.job_deadline_s,
+            max_queue_depth=settings.max_queue_depth,
+        )
+        try:
+            async with TerminalWaiters(redis) as waiters:
+                yield JobService(store, waiters, max_wait_s=settings.max_wait_s)
+        finally:
+            await redis.aclose()
+
+    mcp = MCPServer(
+        "prefect-mcp-queue",
+        instructions=(
+            "Queue state changes for Prefect task runs and flow runs. State-change tools answer "
+            "at once with a job id; poll get_job (wait_s long-polls) for Prefect's answer."
+        ),
+        lifespan=lifespan,
+    )
+
+    async def submit(
+        ctx: Ctx,
+        run_type: RunType,
+        run_id: str,
+        state: str,
+        message: str | None,
+        force: bool,
+        idempotency_key: str | None,
+    ) -> JobTicket:
+        change = _parse(
+            run_type=run_type.value,
+            run_id=run_id,
+            state=state,
+            message=message,
+            force=force,
+            idempotency_key=idempotency_key,
+            max_message_chars=settings.max_message_chars,
+            run_id_field=f"{run_type.value}_run_id",
+        )
+        return await _guard(ctx.request_context.lifespan_context.submit(change))
+
+    @mcp.tool(annotations=_SUBMIT)
+    async def set_task_run_state(
+        task_run_id: Annotated[str, Field(description="UUID of the Prefect task run.")],
+        state: StateArg,
+        ctx: Ctx,
+        message: MessageArg = None,
+        force: ForceArg = False,
+        idempotency_key: IdempotencyArg = None,
+    ) -> JobTicket:
+        """Queue a state change for a Prefect task run; answers at once with a job ticket."""
+        return await submit(ctx, RunType.TASK, task_run_id, state, message, force, idempotency_key)
+
+    @mcp.tool(annotations=_SUBMIT)
+    async def set_flow_run_state(
+        flow_run_id: Annotated[str, Field(description="UUID of the Prefect flow run.")],
+        state: StateArg,
+        ctx: Ctx,
+        message: MessageArg = None,
+        force: ForceArg = False,
+        idempotency_key: IdempotencyArg = None,
+    ) -> JobTicket:
+        """Queue a state change for a Prefect flow run; answers at once with a job ticket."""
+        return await submit(ctx, RunType.FLOW, flow_run_id, state, message, force, idempotency_key)
+
+    @mcp.tool(annotations=_READ)
+    async def get_job(
+        job_id: JobIdArg,
+        ctx: Ctx,
+        wait_s: Annotated[
+            float,
+            Field(
+                ge=0,
+                description=f"Wait up to this long (capped at {settings.max_wait_s:g} s) "
+                "for the job to finish.",
+            ),
+        ] = 0,
+    ) -> JobStatus:
+        """A job's status and, once finished, Prefect's answer."""
+        service = ctx.request_context.lifespan_context
+        _check_job_id(job_id, "job_id")
+        if wait_s > 0:
+            return await _guard(service.wait(job_id, wait_s))
+        return await _guard(service.get(job_id))
+
+    @mcp.tool(annotations=_READ)
+    async def get_jobs(
+        job_ids: Annotated[
+            list[str], Field(min_length=1, max_length=MAX_JOB_IDS, description="Job ids.")
+        ],
+        ctx: Ctx,
+    ) -> JobList:
+        """Statuses of many jobs at once, in the order asked."""
+        for index, job_id in enumerate(job_ids):
+            _check_job_id(job_id, f"job_ids[{index}]")
+        return JobList(jobs=await _guard(ctx.request_context.lifespan_context.get_many(job_ids)))
+
+    @mcp.tool(annotations=_CANCEL)
+    async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:
+        """Cancel a job that has not started (queued or waiting); it will never be applied."""
+        _check_job_id(job_id, "job_id")
+        return await _guard(ctx.request_context.lifespan_context.cancel(job_id))
+
+    return mcp
+
+
+def _parse(**kwargs: Any) -> StateChange:
+    try:
+        return StateChange.parse(**kwargs)
+    except InvalidChange as exc:
+        raise ToolError(f"invalid {exc.field}: {exc.rule}; nothing was queued") from exc
+
+
+def _check_job_id(job_id: str, field: str) -> None:
+    if not _JOB_ID_RE.match(job_id):
+        raise ToolError(
+            f"invalid {field}: must be a job id (32 lowercase hex characters), got {job_id!r:.50}"
+        )
+
+
+async def _guard(call: Awaitable[T]) -> T:
+    """Translate domain errors into tool errors an agent can act on."""
+    try:
+        return await call
+    except QueueFull:
+        raise ToolError(
+            "queue full: too many changes are waiting; nothing was queued, retry later"
+        ) from None
+    except IdempotencyConflict as exc:
+        raise ToolError(
+            f"invalid idempotency_key: already used by job {exc.job_id} for a "
+            "different change; nothing was queued"
+        ) from None
+    except JobNotFound as exc:
+        raise ToolError(
+            f"unknown job_id {exc.job_id}: no such job, or its record expired"
+        ) from None
+    except NotCancellable as exc:
+        raise ToolError(
+            f"job {exc.status.job_id} cannot be cancelled: it is "
+            f"{exc.status.status.value}; only queued or waiting jobs can be"
+        ) from None
+    except RedisError as exc:
+        log.warning("job store unavailable: %s", exc)
+        raise ToolError("job store (Redis) unavailable: retry later; no change was queued") from exc

@@ -1,0 +1,89 @@
+"""Wake long-polling callers when their job turns terminal.
+
+One Redis subscription per frontend process carries every terminal job id;
+callers wait on in-process events. A subscription per caller would cost a
+Redis connection per waiting agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from worker.contract import TERMINAL_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class TerminalWaiters:
+    """Routes terminal-job notifications to the callers waiting on those ids."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def __aenter__(self) -> TerminalWaiters:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when `job_id` is published as terminal.
+
+        Subscribed before it is yielded, so a caller that checks the record
+        after entering cannot miss a notification sent in between.
+        """
+        await self._ensure_listening()
+        event = asyncio.Event()
+        self._events[job_id].add(event)
+        try:
+            yield event
+        finally:
+            waiting = self._events.get(job_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._events[job_id]
+
+    async def _ensure_listening(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._subscribed.clear()
+            self._listener = asyncio.create_task(self._listen())
+        await self._subscribed.wait()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(TERMINAL_CHANNEL)
+                    self._subscribed.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        data = message["data"]
+                        job_id = data.decode() if isinstance(data, bytes) else str(data)
+                        for event in self._events.get(job_id, ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Redis went away: wake everyone so they re-read (and see the error),
+                # then resubscribe once it is back.
+                log.warning("terminal-event subscription lost; resubscribing", exc_info=True)
+                for events in self._events.values():
+                    for event in events:
+                        event.set()
+                self._subscribed.set()
+                await asyncio.sleep(0.5)

@@ -1,0 +1,158 @@
+"""Real services for the tests: one Redis and one Prefect server per session,
+a fresh Redis database and `pmq worker` processes per test or module."""
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from mcp_frontend.devstack import (
+    PrefectServer,
+    RedisServer,
+    Service,
+    free_port,
+    pmq_service,
+    wait_until,
+)
+from tests.prefect_runs import PrefectRuns
+from worker.settings import Settings
+
+REDIS_DATABASES = 512
+_databases = itertools.count(1)
+
+# Fast retries so fault tests finish in seconds; every value is a real setting.
+TEST_SETTINGS: dict[str, Any] = {
+    "backoff_base_s": 0.2,
+    "backoff_max_s": 1.0,
+    "worker_poll_delay_s": 0.02,
+    "prefect_timeout_s": 5.0,
+}
+
+
+@dataclass
+class Services:
+    redis: RedisServer
+    prefect: PrefectServer
+    tmp: Path
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    tmp = tmp_path_factory.mktemp("services")
+    redis_server = RedisServer(free_port(), tmp / "redis")
+    redis_server.argv += ["--databases", str(REDIS_DATABASES)]
+    prefect = PrefectServer(free_port(), tmp / "prefect", ui=False)
+    redis_server.start_and_wait()
+    try:
+        prefect.start_and_wait()
+        yield Services(redis_server, prefect, tmp)
+    finally:
+        prefect.stop()
+        redis_server.stop()
+
+
+@dataclass
+class Stack:
+    """One test's slice of the services: its own Redis database and workers."""
+
+    services: Services
+    db: int
+    settings: Settings
+    prefect_api_url: str
+    workers: list[Service] = field(default_factory=list)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url)
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMQ_", "PREFECT_"))}
+        values = {**self.settings.model_dump(exclude={"prefect_api_url"}), **overrides}
+        env.update({f"PMQ_{k.upper()}": str(v) for k, v in values.items()})
+        env["PREFECT_API_URL"] = overrides.pop("prefect_api_url", self.prefect_api_url)
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env["PREFECT_HOME"] = str(self.services.tmp / "client-home")
+        return env
+
+    def start_worker(self, *, prefect_api_url: str | None = None, **overrides: Any) -> Service:
+        """A `pmq worker` subprocess; returns once it polls the queue."""
+        env = self.env(**overrides)
+        if prefect_api_url:
+            env["PREFECT_API_URL"] = prefect_api_url
+        name = f"worker-{self.db}-{len(self.workers)}"
+        worker = pmq_service(
+            name, ["worker"], env=env, log_path=self.services.tmp / "logs" / f"{name}.log"
+        )
+        client = self.redis
+        client.delete("arq:queue:health-check")
+        worker.start()
+        self.workers.append(worker)
+        worker.wait_ready(lambda: bool(client.exists("arq:queue:health-check")), 60)
+        client.close()
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def keys_without_ttl(self) -> list[str]:
+        client = self.redis
+        try:
+            return [
+                key.decode()
+                for key in client.scan_iter()
+                if client.ttl(key) == -1 and key != b"arq:queue"
+            ]
+        finally:
+            client.close()
+
+
+def make_stack(services: Services, **overrides: Any) -> Stack:
+    db = next(_databases)
+    assert db < REDIS_DATABASES, "more stacks than Redis databases"
+    settings = Settings(redis_url=services.redis.url(db), **{**TEST_SETTINGS, **overrides})
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    client.close()
+    return Stack(services, db, settings, services.prefect.api_url)
+
+
+@pytest.fixture
+def stack(services: Services) -> Iterator[Stack]:
+    """A fresh database; the test starts the workers it needs. Leaves no key without a TTL."""
+    current = make_stack(services)
+    try:
+        yield current
+    finally:
+        current.stop()
+    assert current.keys_without_ttl() == []
+
+
+@pytest.fixture(scope="module")
+def worked_stack(services: Services) -> Iterator[Stack]:
+    """A fresh database with one worker shared by a whole module."""
+    current = make_stack(services)
+    current.start_worker()
+    try:
+        yield current
+    finally:
+        current.stop()
+    assert current.keys_without_ttl() == []
+
+
+@pytest.fixture
+async def prefect(services: Services) -> AsyncIterator[PrefectRuns]:
+    runs = PrefectRuns(services.prefect.api_url)
+    try:
+        yield runs
+    finally:
+        await runs.aclose()
+
+
+def wait_for(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
+    wait_until(predicate, timeout_s, what)

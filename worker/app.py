@@ -1,0 +1,208 @@
+"""The arq worker: its settings, its resources, and the one job it runs.
+
+arq stays behind this module and `worker.store`: the job function gets a job
+id, everything else comes from the record in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from arq.connections import RedisSettings
+from arq.worker import Retry, Worker, func
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+from worker.applier import Outcome, PrefectApplier
+from worker.contract import (
+    APPLY_STATE_CHANGE,
+    PENDING_STATUSES,
+    ErrorCode,
+    JobError,
+    JobRecord,
+    Status,
+    json_deserializer,
+    json_serializer,
+    utcnow,
+)
+from worker.policy import backoff_s, deadline_of
+from worker.settings import Settings
+from worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+# Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
+_ARQ_MAX_TRIES = 1_000_000
+
+
+async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
+    """Apply one queued change to Prefect and record the outcome."""
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    record = await store.load(job_id)
+    if record is None:
+        log.warning("job %s has no record (expired or deleted); nothing to apply", job_id)
+        return
+    if record.status.is_terminal:
+        return  # cancelled while queued, or a re-delivery of a finished job
+    try:
+        await _attempt(record, store, ctx["applier"], settings)
+    except Retry:
+        raise
+    except Exception as exc:
+        log.exception("job %s: unexpected error", job_id)
+        await _finish(
+            store,
+            record,
+            Outcome(
+                Status.FAILED, error=JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
+            ),
+            allowed=(Status.RUNNING,),
+        )
+
+
+async def _attempt(
+    record: JobRecord, store: JobStore, applier: PrefectApplier, settings: Settings
+) -> None:
+    now = utcnow()
+    if now >= deadline_of(record.enqueued_at, settings.job_deadline_s):
+        await _exhausted(store, record, "job deadline passed before the change could be applied")
+        return
+    # `running` is allowed: it means a worker died mid-attempt and arq re-delivered the job.
+    was_running = record.status is Status.RUNNING
+    claim = await store.transition(
+        record.job_id,
+        allowed=(*PENDING_STATUSES, Status.RUNNING),
+        status=Status.RUNNING,
+        set_fields={"started_at": record.started_at or now, "attempts": record.attempts + 1},
+        clear_fields=("next_attempt_at",),
+    )
+    if not claim.applied:
+        return  # cancelled (or finished) between the read and the claim
+    # Any earlier attempt that did not end the job may still have reached Prefect.
+    outcome = await applier.apply(record, check_history=was_running or record.attempts > 0)
+    record = record.model_copy(update={"attempts": record.attempts + 1})
+    if outcome.status is not Status.WAITING:
+        await _finish(store, record, outcome, allowed=(Status.RUNNING,))
+        return
+
+    failures = record.transient_failures + (1 if outcome.transient else 0)
+    if outcome.transient:
+        delay = backoff_s(
+            failures,
+            base_s=settings.backoff_base_s,
+            max_s=settings.backoff_max_s,
+            retry_after_s=outcome.delay_s,
+        )
+    else:
+        delay = outcome.delay_s or 0.0
+    next_at = utcnow() + timedelta(seconds=delay)
+    reason = outcome.error.message if outcome.error else "Prefect asked to wait"
+    if failures >= settings.max_attempts:
+        await _exhausted(store, record, f"{failures} transient failures; last: {reason}")
+        return
+    if next_at > deadline_of(record.enqueued_at, settings.job_deadline_s):
+        await _exhausted(store, record, f"next try would pass the job deadline; last: {reason}")
+        return
+    fields: dict[str, Any] = {"next_attempt_at": next_at, "transient_failures": failures}
+    if outcome.orchestration:
+        fields["orchestration"] = outcome.orchestration
+    if outcome.error:
+        fields["error"] = outcome.error
+    moved = await store.transition(
+        record.job_id, allowed=(Status.RUNNING,), status=Status.WAITING, set_fields=fields
+    )
+    if moved.applied:
+        raise Retry(defer=delay)
+
+
+async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
+    error = JobError(code=ErrorCode.RETRIES_EXHAUSTED, message=message)
+    await _finish(
+        store,
+        record,
+        Outcome(Status.FAILED, error=error),
+        allowed=(*PENDING_STATUSES, Status.RUNNING),
+    )
+
+
+async def _finish(
+    store: JobStore, record: JobRecord, outcome: Outcome, *, allowed: tuple[Status, ...]
+) -> None:
+    fields: dict[str, Any] = {"finished_at": utcnow()}
+    clear = ["next_attempt_at"]
+    if outcome.orchestration:
+        fields["orchestration"] = outcome.orchestration
+    if outcome.error:
+        fields["error"] = outcome.error
+    else:
+        clear.append("error")  # a transient error seen while waiting is history now
+    await store.transition(
+        record.job_id, allowed=allowed, status=outcome.status, set_fields=fields, clear_fields=clear
+    )
+    level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
+    log.log(
+        level,
+        "job %s %s run %s -> %s: %s",
+        record.job_id,
+        outcome.status.value,
+        record.run_id,
+        record.state.value,
+        outcome.error or outcome.orchestration,
+    )
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    # One Prefect client per process, reused by every job. Prefect's own retries
+    # are off (see run_worker): they would hold a slot and hide the state.
+    client = get_client(httpx_settings={"timeout": httpx.Timeout(settings.prefect_timeout_s)})
+    ctx["prefect"] = await client.__aenter__()
+    ctx["applier"] = PrefectApplier(ctx["prefect"])
+    ctx["store"] = JobStore(
+        ctx["redis"],  # arq's own pool: one Redis connection pool per process
+        result_ttl_s=settings.result_ttl_s,
+        job_deadline_s=settings.job_deadline_s,
+        max_queue_depth=settings.max_queue_depth,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if "prefect" in ctx:
+        await ctx["prefect"].__aexit__(None, None, None)
+
+
+def build_worker(settings: Settings, **overrides: Any) -> Worker:
+    """An arq Worker wired to this project's settings, JSON serializer and hooks."""
+    options: dict[str, Any] = {
+        "functions": [
+            func(
+                apply_state_change,
+                name=APPLY_STATE_CHANGE,
+                timeout=settings.job_timeout_s,
+                max_tries=_ARQ_MAX_TRIES,
+                keep_result=0,
+            )
+        ],
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "job_serializer": json_serializer,
+        "job_deserializer": json_deserializer,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "ctx": {"settings": settings},
+        "max_jobs": settings.worker_concurrency,
+        "poll_delay": settings.worker_poll_delay_s,
+        "keep_result": 0,
+        "handle_signals": True,
+    }
+    options.update(overrides)
+    return Worker(**options)
+
+
+def run_worker(settings: Settings) -> None:
+    """Run a worker until SIGINT/SIGTERM, with Prefect's client retries turned off."""
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+        build_worker(settings).run()

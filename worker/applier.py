@@ -1,0 +1,174 @@
+"""Prefect calls for one job, and the classification of Prefect's answer.
+
+The table in DESIGN.md ("Outcome classification") is implemented by
+`classify_answer` and `classify_error`; nothing else decides a job's fate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import StateCreate
+from prefect.client.schemas.objects import StateDetails
+
+from worker.contract import ErrorCode, JobError, JobRecord, Orchestration, RunType, Status
+from worker.policy import parse_retry_after
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT_HTTP = frozenset({408, 429})
+_INVALID_HTTP = frozenset({400, 409, 422})
+_AUTH_HTTP = frozenset({401, 403})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt decided. `waiting` outcomes carry the delay before the next try."""
+
+    status: Status
+    orchestration: Orchestration | None = None
+    error: JobError | None = None
+    delay_s: float | None = None
+    # True for errors that use up the attempt budget; False for Prefect's WAIT.
+    transient: bool = False
+
+
+def classify_answer(body: dict[str, Any]) -> Outcome:
+    """Map a set_state response body (an OrchestrationResult) to an outcome."""
+    status = str(body.get("status", "")).upper()
+    state = body.get("state") or {}
+    details = body.get("details") or {}
+    orchestration = Orchestration(
+        status=status,
+        state_type=state.get("type"),
+        state_name=state.get("name"),
+        reason=details.get("reason"),
+    )
+    if status == "ACCEPT":
+        return Outcome(Status.APPLIED, orchestration)
+    if status in ("REJECT", "ABORT"):
+        return Outcome(Status.REJECTED, orchestration)
+    if status == "WAIT":
+        return Outcome(
+            Status.WAITING, orchestration, delay_s=float(details.get("delay_seconds") or 0)
+        )
+    return Outcome(
+        Status.FAILED,
+        orchestration,
+        JobError(
+            code=ErrorCode.INVALID_REQUEST, message=f"unknown orchestration status {status!r}"
+        ),
+    )
+
+
+def classify_error(exc: Exception) -> Outcome:
+    """Map an HTTP or transport error from Prefect to an outcome."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        detail = _detail(exc.response)
+        if code == 404:
+            return Outcome(
+                Status.FAILED, error=JobError(code=ErrorCode.RUN_NOT_FOUND, message=detail)
+            )
+        if code in _INVALID_HTTP:
+            return Outcome(
+                Status.FAILED, error=JobError(code=ErrorCode.INVALID_REQUEST, message=detail)
+            )
+        if code in _AUTH_HTTP:
+            log.error("Prefect refused our credentials (HTTP %s): check PREFECT_API_KEY", code)
+            return Outcome(
+                Status.FAILED, error=JobError(code=ErrorCode.UNAUTHORIZED, message=detail)
+            )
+        if code in _TRANSIENT_HTTP or code >= 500:
+            return Outcome(
+                Status.WAITING,
+                error=JobError(code=ErrorCode.TRANSIENT, message=detail),
+                delay_s=parse_retry_after(exc.response.headers.get("Retry-After")),
+                transient=True,
+            )
+        return Outcome(
+            Status.FAILED, error=JobError(code=ErrorCode.INVALID_REQUEST, message=detail)
+        )
+    # Connection refused, resets, read timeouts: Prefect may or may not have seen
+    # the call; the history check before the next try settles which.
+    return Outcome(
+        Status.WAITING,
+        error=JobError(code=ErrorCode.TRANSIENT, message=f"{type(exc).__name__}: {exc}"[:500]),
+        transient=True,
+    )
+
+
+def _detail(response: httpx.Response) -> str:
+    text = response.text[:300].strip()
+    return f"Prefect answered HTTP {response.status_code}" + (f": {text}" if text else "")
+
+
+class PrefectApplier:
+    """Applies one job's change through a shared, long-lived Prefect client."""
+
+    def __init__(self, client: PrefectClient) -> None:
+        self.client = client
+
+    async def find_applied(self, record: JobRecord) -> Orchestration | None:
+        """The state this job already wrote, if an earlier attempt reached Prefect.
+
+        Task runs accept a repeated transition, so after a crash or a timeout the
+        run's history is the only way to know; flow runs would reject the repeat,
+        and reporting that as `rejected` would be wrong too.
+        """
+        path = "/task_run_states/" if record.run_type is RunType.TASK else "/flow_run_states/"
+        param = "task_run_id" if record.run_type is RunType.TASK else "flow_run_id"
+        response = await self.client.request("GET", path, params={param: record.run_id})  # type: ignore[arg-type]
+        response.raise_for_status()
+        for state in response.json():
+            details = state.get("state_details") or {}
+            if details.get("transition_id") == record.transition_id:
+                return Orchestration(
+                    status="ACCEPT",
+                    state_type=state.get("type"),
+                    state_name=state.get("name"),
+                    reason="found in the run's state history after an interrupted attempt",
+                )
+        return None
+
+    async def set_state(self, record: JobRecord) -> dict[str, Any]:
+        """One set_state call; returns Prefect's OrchestrationResult as JSON."""
+        state = StateCreate(
+            type=record.state.value,
+            name=record.state_name,
+            message=record.message,
+            state_details=StateDetails(transition_id=UUID(record.transition_id)),
+        )
+        path = (
+            "/task_runs/{id}/set_state"
+            if record.run_type is RunType.TASK
+            else "/flow_runs/{id}/set_state"
+        )
+        response = await self.client.request(
+            "POST",
+            path,  # type: ignore[arg-type]
+            path_params={"id": record.run_id},
+            json={
+                "state": state.model_dump(mode="json", serialize_as_any=True),
+                "force": record.force,
+            },
+        )
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def apply(self, record: JobRecord, *, check_history: bool) -> Outcome:
+        """One attempt: optionally look for an earlier write, then call set_state."""
+        try:
+            if check_history:
+                found = await self.find_applied(record)
+                if found is not None:
+                    return Outcome(Status.APPLIED, found)
+            return classify_answer(await self.set_state(record))
+        except (httpx.HTTPError, OSError) as exc:
+            return classify_error(exc)

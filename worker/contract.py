@@ -1,0 +1,316 @@
+"""What the frontend and the workers agree on: names, Redis keys, models, serializer.
+
+The frontend imports this module; it never imports the frontend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+# arq function name of the one job this project runs.
+APPLY_STATE_CHANGE = "apply_state_change"
+
+# Redis keys. arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live in arq.constants.
+JOB_KEY_PREFIX = "pmq:job:"
+SEQ_KEY_PREFIX = "pmq:seq:"
+IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"
+TERMINAL_CHANNEL = "pmq:events:terminal"
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY_PREFIX + job_id
+
+
+def seq_key(run_type: RunType, run_id: str) -> str:
+    return f"{SEQ_KEY_PREFIX}{run_type}:{run_id}"
+
+
+def idempotency_key(key: str) -> str:
+    return IDEMPOTENCY_KEY_PREFIX + key
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RunType(StrEnum):
+    TASK = "task"
+    FLOW = "flow"
+
+
+class StateType(StrEnum):
+    """Prefect's state types, the values `state` accepts (case-insensitive)."""
+
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({Status.APPLIED, Status.REJECTED, Status.FAILED, Status.CANCELLED})
+# Statuses from which a job may still be claimed by a worker or cancelled by a caller.
+PENDING_STATUSES = frozenset({Status.QUEUED, Status.WAITING})
+
+
+class ErrorCode(StrEnum):
+    RUN_NOT_FOUND = "run_not_found"
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    # Set while a job is `waiting` after a transient Prefect error; cleared when it ends.
+    TRANSIENT = "transient_error"
+    INTERNAL = "internal_error"
+
+
+class Orchestration(BaseModel):
+    """Prefect's answer to a set_state call."""
+
+    status: str = Field(description="ACCEPT, REJECT, ABORT or WAIT.")
+    state_type: str | None = Field(None, description="Type of the state the run now has.")
+    state_name: str | None = Field(None, description="Name of the state the run now has.")
+    reason: str | None = Field(None, description="Why Prefect rejected, aborted or delayed.")
+
+
+class JobError(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class InvalidChange(ValueError):
+    """A state change that breaks a rule; `field` names the argument at fault."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class StateChange(BaseModel):
+    """One validated change, as the frontend accepted it."""
+
+    run_type: RunType
+    run_id: str
+    state: StateType
+    state_name: str | None = None
+    message: str | None = None
+    force: bool = False
+    idempotency_key: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        run_type: str,
+        run_id: str,
+        state: str,
+        message: str | None,
+        force: bool,
+        idempotency_key: str | None,
+        max_message_chars: int,
+        run_id_field: str = "run_id",
+    ) -> StateChange:
+        """Validate raw tool arguments; raise `InvalidChange` naming the field and rule."""
+        try:
+            kind = RunType(run_type)
+        except ValueError:
+            raise InvalidChange("run_type", "must be 'task' or 'flow'") from None
+        try:
+            canonical_id = str(uuid.UUID(run_id))
+        except (ValueError, AttributeError, TypeError):
+            raise InvalidChange(
+                run_id_field,
+                f"must be a UUID like 1b4e28ba-2fa1-11d2-883f-0016d3cca427, got {run_id!r:.60}",
+            ) from None
+        try:
+            state_type = StateType(state.strip().upper())
+        except (ValueError, AttributeError):
+            allowed = ", ".join(StateType)
+            raise InvalidChange(
+                "state", f"must be one of {allowed} (case-insensitive), got {state!r:.40}"
+            ) from None
+        if message is not None and len(message) > max_message_chars:
+            raise InvalidChange(
+                "message", f"must be at most {max_message_chars} characters, got {len(message)}"
+            )
+        if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise InvalidChange(
+                "idempotency_key",
+                "must be 1-128 characters of letters, digits and . _ : -",
+            )
+        return cls(
+            run_type=kind,
+            run_id=canonical_id,
+            state=state_type,
+            message=message,
+            force=force,
+            idempotency_key=idempotency_key,
+        )
+
+    def fingerprint(self) -> str:
+        """What must match for a repeated idempotency key to count as the same change."""
+        return json.dumps(
+            [self.run_type, self.run_id, self.state, self.state_name, self.message, self.force]
+        )
+
+
+class JobRecord(BaseModel):
+    """The stored job, one Redis hash per job (`pmq:job:<id>`).
+
+    Scalars are stored as strings, nested models as JSON, `None` as an absent field.
+    """
+
+    job_id: str
+    status: Status
+    run_type: RunType
+    run_id: str
+    state: StateType
+    state_name: str | None = None
+    message: str | None = None
+    force: bool = False
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    seq: int = 0
+    # Sent as state_details.transition_id: lets a re-run find its own transition.
+    transition_id: str = ""
+    attempts: int = 0
+    transient_failures: int = 0
+    enqueued_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    orchestration: Orchestration | None = None
+    error: JobError | None = None
+
+    @field_validator("orchestration", "error", mode="before")
+    @classmethod
+    def _decode_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str | bytes) else value
+
+    @field_validator("force", mode="before")
+    @classmethod
+    def _decode_bool(cls, value: Any) -> Any:
+        return value in ("1", b"1", True) if isinstance(value, str | bytes) else value
+
+    @classmethod
+    def new(cls, change: StateChange, *, enqueued_at: datetime) -> JobRecord:
+        return cls(
+            job_id=new_job_id(),
+            status=Status.QUEUED,
+            transition_id=str(uuid.uuid4()),
+            fingerprint=change.fingerprint(),
+            enqueued_at=enqueued_at,
+            **change.model_dump(),
+        )
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> JobRecord:
+        return cls.model_validate(data)
+
+    def to_hash(self) -> dict[str, str]:
+        return fields_to_hash(self.model_dump(mode="json", exclude_none=True))
+
+
+def fields_to_hash(fields: dict[str, Any]) -> dict[str, str]:
+    """Encode record fields for HSET: scalars as strings, bools as 1/0, the rest as JSON."""
+    out: dict[str, str] = {}
+    for name, value in fields.items():
+        if isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        elif isinstance(value, dict | list):
+            out[name] = json.dumps(value)
+        elif isinstance(value, datetime):
+            out[name] = value.isoformat()
+        elif isinstance(value, BaseModel):
+            out[name] = value.model_dump_json()
+        else:
+            out[name] = str(value)
+    return out
+
+
+class JobTicket(BaseModel):
+    """What a state-change tool answers at once."""
+
+    job_id: str
+    status: Status
+    run_type: RunType
+    run_id: str
+    state: StateType
+    enqueued_at: datetime
+    deduplicated: bool = Field(
+        False, description="True when the idempotency key matched an existing job."
+    )
+
+    @classmethod
+    def of(cls, record: JobRecord, *, deduplicated: bool = False) -> JobTicket:
+        return cls(
+            job_id=record.job_id,
+            status=record.status,
+            run_type=record.run_type,
+            run_id=record.run_id,
+            state=record.state,
+            enqueued_at=record.enqueued_at,
+            deduplicated=deduplicated,
+        )
+
+
+class JobStatus(BaseModel):
+    """A job as callers see it."""
+
+    job_id: str
+    status: Status
+    run_type: RunType
+    run_id: str
+    state: StateType
+    attempts: int = Field(description="Prefect calls made so far.")
+    enqueued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    orchestration: Orchestration | None
+    error: JobError | None
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobStatus:
+        return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
+
+
+def json_serializer(obj: Any) -> bytes:
+    """arq payload serializer: JSON, so nobody who can write to Redis can run code."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def json_deserializer(data: bytes) -> Any:
+    return json.loads(data)

@@ -1,0 +1,57 @@
+"""The one settings object, read from `PMQ_*` environment variables at the edge."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the frontend and the workers.
+
+    Prefect's own variables (`PREFECT_API_URL`, `PREFECT_API_KEY`,
+    `PREFECT_API_AUTH_STRING`) configure the Prefect target and are read by
+    Prefect's client, not here.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PMQ_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding jobs and queue.")
+    result_ttl_s: int = Field(86_400, gt=0, description="How long terminal job records are kept.")
+    max_attempts: int = Field(
+        8, ge=1, description="Prefect calls that may fail transiently before a job fails."
+    )
+    job_deadline_s: float = Field(
+        3_600, gt=0, description="A job not terminal this long after enqueue fails."
+    )
+    max_queue_depth: int = Field(
+        100_000, gt=0, description="Enqueue answers 'queue full' past this many queued jobs."
+    )
+    worker_concurrency: int = Field(16, ge=1, description="Jobs one worker process runs at once.")
+    worker_poll_delay_s: float = Field(
+        0.05, gt=0, description="How often an idle worker looks for new jobs."
+    )
+    backoff_base_s: float = Field(0.5, gt=0, description="First transient-retry backoff ceiling.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Largest transient-retry backoff.")
+    prefect_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Prefect API call.")
+    max_message_chars: int = Field(4_000, ge=1, description="Longest accepted state `message`.")
+    max_wait_s: float = Field(30.0, ge=0, description="Cap on `get_job(wait_s=...)`.")
+    http_host: str = Field("127.0.0.1", description="Address `pmq serve --transport http` binds.")
+    http_port: int = Field(8000, ge=0, le=65_535, description="Port of the HTTP frontend.")
+    prefect_api_url: str | None = Field(
+        None,
+        validation_alias="PREFECT_API_URL",
+        description="Prefect's own variable; `pmq dev` starts a local server when unset.",
+    )
+    auth_tokens: str = Field(
+        "", description="Bearer tokens for HTTP, `token:client_id` comma-separated (issue #4)."
+    )
+
+    @property
+    def job_timeout_s(self) -> float:
+        """arq's hard limit on one run of a job: a history read plus one set_state call.
+
+        Kept short on purpose: a killed worker's jobs are re-run only after this
+        plus 10 s (arq's in-progress key), so it bounds crash recovery time.
+        """
+        return 2 * self.prefect_timeout_s + 5
