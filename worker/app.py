@@ -14,7 +14,6 @@ import httpx
 from arq.connections import RedisSettings
 from arq.worker import Retry, Worker, func
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from worker.applier import Outcome, PrefectApplier
 from worker.contract import (
@@ -157,8 +156,8 @@ async def _finish(
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    # One Prefect client per process, reused by every job. Prefect's own retries
-    # are off (see run_worker): they would hold a slot and hide the state.
+    # One Prefect client per process, reused by every job. Its retries are bypassed
+    # (see PrefectApplier._send): the queue retries, visibly.
     client = get_client(httpx_settings={"timeout": httpx.Timeout(settings.prefect_timeout_s)})
     ctx["prefect"] = await client.__aenter__()
     ctx["applier"] = PrefectApplier(ctx["prefect"])
@@ -203,6 +202,5 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
 
 
 def run_worker(settings: Settings) -> None:
-    """Run a worker until SIGINT/SIGTERM, with Prefect's client retries turned off."""
-    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
-        build_worker(settings).run()
+    """Run a worker until SIGINT/SIGTERM."""
+    build_worker(settings).run()

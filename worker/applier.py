@@ -114,6 +114,21 @@ class PrefectApplier:
     def __init__(self, client: PrefectClient) -> None:
         self.client = client
 
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP call with Prefect's configuration (URL, auth, TLS) but none of its retries.
+
+        Prefect's client sleeps through 429/502/503 (Retry-After or 2, 4, 8 s) before
+        returning, even with PREFECT_CLIENT_MAX_RETRIES=0: that would hold a worker
+        slot and hide the state from callers. The queue retries instead, so this calls
+        httpx's own `send` on the client Prefect configured. Prefect's transport still
+        retries a refused connection 3 times (about 1.5 s), which is cheap and bounded.
+        """
+        http = self.client._client
+        request = http.build_request(method, path, **kwargs)
+        response = await httpx.AsyncClient.send(http, request)
+        response.raise_for_status()
+        return response
+
     async def find_applied(self, record: JobRecord) -> Orchestration | None:
         """The state this job already wrote, if an earlier attempt reached Prefect.
 
@@ -123,8 +138,7 @@ class PrefectApplier:
         """
         path = "/task_run_states/" if record.run_type is RunType.TASK else "/flow_run_states/"
         param = "task_run_id" if record.run_type is RunType.TASK else "flow_run_id"
-        response = await self.client.request("GET", path, params={param: record.run_id})  # type: ignore[arg-type]
-        response.raise_for_status()
+        response = await self._send("GET", path, params={param: record.run_id})
         for state in response.json():
             details = state.get("state_details") or {}
             if details.get("transition_id") == record.transition_id:
@@ -144,21 +158,14 @@ class PrefectApplier:
             message=record.message,
             state_details=StateDetails(transition_id=UUID(record.transition_id)),
         )
-        path = (
-            "/task_runs/{id}/set_state"
-            if record.run_type is RunType.TASK
-            else "/flow_runs/{id}/set_state"
-        )
-        response = await self.client.request(
+        response = await self._send(
             "POST",
-            path,  # type: ignore[arg-type]
-            path_params={"id": record.run_id},
+            f"/{record.run_type.value}_runs/{record.run_id}/set_state",
             json={
                 "state": state.model_dump(mode="json", serialize_as_any=True),
                 "force": record.force,
             },
         )
-        response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body
 

@@ -1,0 +1,87 @@
+"""A small HTTP proxy in front of Prefect that fails requests on purpose.
+
+Runs uvicorn in a thread of the test process; the test scripts the faults.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_frontend.devstack import free_port, wait_until
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int
+    retry_after_s: float | None = None
+
+
+class ChaosProxy:
+    """Forwards to `upstream`; answers the next scripted faults instead, in order.
+
+    `always` (when set) is answered to every request once the script is used up.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.port = free_port()
+        self.script: deque[Fault] = deque()
+        self.always: Fault | None = None
+        self.faults_sent = 0
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ChaosProxy":
+        self._thread.start()
+        wait_until(lambda: self._server.started, 10, "chaos proxy")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            fault = self.script.popleft() if self.script else self.always
+            if fault is not None:
+                self.faults_sent += 1
+            else:
+                self.forwarded += 1
+            return fault
+
+    async def _handle(self, request: Request) -> Response:
+        fault = self._next_fault()
+        if fault is not None:
+            headers = {}
+            if fault.retry_after_s is not None:
+                headers["Retry-After"] = f"{fault.retry_after_s:g}"
+            return Response(b'{"detail":"injected fault"}', fault.status, headers=headers)
+        async with httpx.AsyncClient() as client:
+            upstream = await client.request(
+                request.method,
+                f"{self.upstream}/{request.path_params['path']}",
+                params=request.query_params,
+                content=await request.body(),
+                headers={"content-type": request.headers.get("content-type", "application/json")},
+            )
+        return Response(
+            upstream.content,
+            upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
+        )
