@@ -69,7 +69,13 @@ def build_server(settings: Settings) -> MCPServer:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
-        redis = Redis.from_url(settings.redis_url)
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        # The subscription idles for long stretches, so it gets no read timeout.
+        events = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
         store = JobStore(
             redis,
             result_ttl_s=settings.result_ttl_s,
@@ -77,10 +83,11 @@ def build_server(settings: Settings) -> MCPServer:
             max_queue_depth=settings.max_queue_depth,
         )
         try:
-            async with TerminalWaiters(redis) as waiters:
+            async with TerminalWaiters(events) as waiters:
                 yield JobService(store, waiters, max_wait_s=settings.max_wait_s)
         finally:
             await redis.aclose()
+            await events.aclose()
 
     mcp = MCPServer(
         "prefect-mcp-queue",
@@ -215,4 +222,7 @@ async def _guard(call: Awaitable[T]) -> T:
         ) from None
     except RedisError as exc:
         log.warning("job store unavailable: %s", exc)
-        raise ToolError("job store (Redis) unavailable: retry later; no change was queued") from exc
+        raise ToolError(
+            "job store (Redis) unavailable: retry later; pass an idempotency_key so that a "
+            "retried change cannot be queued twice"
+        ) from exc

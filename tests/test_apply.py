@@ -1,5 +1,7 @@
 """Changes applied to a real Prefect server through the MCP tools, one shared worker."""
 
+from typing import cast
+
 import pytest
 from mcp import Client
 
@@ -101,3 +103,5 @@ async def test_unknown_run_fails_with_run_not_found(worked_stack: Stack, tool: s
     assert job["status"] == "failed"
     assert job["error"]["code"] == "run_not_found"
     assert job["attempts"] == 1
+    ttl_s = cast(int, worked_stack.redis.ttl(f"pmq:job:{ticket['job_id']}"))
+    assert worked_stack.settings.result_ttl_s - 60 < ttl_s <= worked_stack.settings.result_ttl_s

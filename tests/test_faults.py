@@ -111,3 +111,20 @@ async def test_attempt_limit_ends_in_retries_exhausted(
     assert "503" in job["error"]["message"]
     assert job["attempts"] == 3 and proxy.faults_sent == 3
     assert (await prefect.state("flow", flow_run))["type"] == "PENDING"
+
+
+async def test_job_deadline_ends_retries(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    flow_run = await prefect.flow_run("PENDING")
+    proxy.always = Fault(503)
+    stack.start_worker(prefect_api_url=proxy.url + "/api", max_attempts=1000, job_deadline_s=3)
+    async with Client(build_server(stack.settings)) as client:
+        ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
+        job = await wait_terminal(client, ticket["job_id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "retries_exhausted"
+    assert "deadline" in job["error"]["message"]
+    finished = datetime.fromisoformat(job["finished_at"])
+    assert (finished - datetime.fromisoformat(job["enqueued_at"])).total_seconds() <= 3.5
+    assert 2 <= job["attempts"] < 1000

@@ -1,11 +1,13 @@
 """Bad input is a tool error naming the field and the rule, and nothing is written."""
 
 import json
+import time
 from typing import Any, cast
 
 import pytest
 from mcp import Client
 
+from mcp_frontend.devstack import free_port
 from mcp_frontend.server import build_server
 from tests.conftest import Stack
 from tests.mcp_calls import error, ok
@@ -130,3 +132,34 @@ async def test_full_queue_refuses_and_writes_nothing(services: Any) -> None:
     assert small.redis.dbsize() == keys_before
     assert small.redis.zcard("arq:queue") == 2
     small.redis.flushdb()
+
+
+async def test_unreachable_redis_is_a_prompt_tool_error(stack: Stack) -> None:
+    nowhere = stack.settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "redis_timeout_s": 1.0}
+    )
+    async with Client(build_server(nowhere)) as client:
+        started = time.monotonic()
+        message = await error(client, "set_task_run_state", task_run_id=RUN_ID, state="RUNNING")
+        poll = await error(client, "get_job", job_id=UNKNOWN_JOB)
+    assert "job store (Redis) unavailable" in message and "retry later" in message
+    assert "job store (Redis) unavailable" in poll
+    assert time.monotonic() - started < 10
+
+
+async def test_tool_annotations_tell_the_truth(stack: Stack) -> None:
+    async with Client(build_server(stack.settings)) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) >= {
+        "set_task_run_state",
+        "set_flow_run_state",
+        "get_job",
+        "get_jobs",
+        "cancel_job",
+    }
+    hints = {name: tool.annotations for name, tool in tools.items()}
+    assert all(hint is not None for hint in hints.values())
+    read_only = {name for name, hint in hints.items() if hint and hint.read_only_hint}
+    assert read_only == {"get_job", "get_jobs"}
+    for name in ("set_task_run_state", "get_job"):
+        assert tools[name].output_schema is not None

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PMQ_", extra="ignore")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding jobs and queue.")
+    redis_timeout_s: float = Field(
+        5.0, gt=0, description="Redis connect/read timeout: tool calls fail rather than hang."
+    )
     result_ttl_s: int = Field(86_400, gt=0, description="How long terminal job records are kept.")
     max_attempts: int = Field(
         8, ge=1, description="Prefect calls that may fail transiently before a job fails."
@@ -25,7 +28,7 @@ class Settings(BaseSettings):
         3_600, gt=0, description="A job not terminal this long after enqueue fails."
     )
     max_queue_depth: int = Field(
-        100_000, gt=0, description="Enqueue answers 'queue full' past this many queued jobs."
+        100_000, gt=0, description="Enqueue answers 'queue full' at this many jobs in the queue."
     )
     worker_concurrency: int = Field(16, ge=1, description="Jobs one worker process runs at once.")
     worker_poll_delay_s: float = Field(
@@ -42,9 +45,6 @@ class Settings(BaseSettings):
         None,
         validation_alias="PREFECT_API_URL",
         description="Prefect's own variable; `pmq dev` starts a local server when unset.",
-    )
-    auth_tokens: str = Field(
-        "", description="Bearer tokens for HTTP, `token:client_id` comma-separated (issue #4)."
     )
 
     @property
