@@ -89,7 +89,7 @@ class Service:
     def wait_ready(self, check: Callable[[], bool], timeout_s: float) -> None:
         def ready() -> bool:
             if not self.running:
-                raise StartupError(f"{self.name} exited; see {self.log_path}")
+                raise StartupError(f"{self.name} exited")
             return check()
 
         try:

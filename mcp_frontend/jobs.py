@@ -41,10 +41,18 @@ class JobService:
         self.waiters = waiters
         self.max_wait_s = max_wait_s
 
-    async def submit(self, change: StateChange) -> JobTicket:
-        """Store one change and queue it; raises QueueFull or IdempotencyConflict."""
-        enqueued = await self.store.enqueue(JobRecord.new(change, enqueued_at=utcnow()))
-        return JobTicket.of(enqueued.record, deduplicated=enqueued.deduplicated)
+    async def submit(self, changes: Sequence[StateChange]) -> list[JobTicket]:
+        """Store changes and queue them, in order, in one atomic step.
+
+        Raises QueueFull or IdempotencyConflict, having written nothing.
+        """
+        now = utcnow()
+        records = [
+            JobRecord.new(change, enqueued_at=now, deadline_s=self.store.job_deadline_s)
+            for change in changes
+        ]
+        enqueued = await self.store.enqueue_many(records)
+        return [JobTicket.of(e.record, deduplicated=e.deduplicated) for e in enqueued]
 
     async def get(self, job_id: str) -> JobStatus:
         record = await self.store.load(job_id)

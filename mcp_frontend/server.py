@@ -55,6 +55,21 @@ class JobList(BaseModel):
     jobs: list[JobStatus]
 
 
+class TicketList(BaseModel):
+    jobs: list[JobTicket]
+
+
+class ChangeIn(BaseModel):
+    """One change in a `submit_state_changes` batch."""
+
+    run_type: str = Field(description="'task' or 'flow'.")
+    run_id: str = Field(description="UUID of the task run or flow run.")
+    state: StateArg
+    message: MessageArg = None
+    force: ForceArg = False
+    idempotency_key: IdempotencyArg = None
+
+
 _SUBMIT = ToolAnnotations(
     read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
 )
@@ -98,7 +113,7 @@ def build_server(settings: Settings) -> MCPServer:
         lifespan=lifespan,
     )
 
-    async def submit(
+    async def submit_one(
         ctx: Ctx,
         run_type: RunType,
         run_id: str,
@@ -108,6 +123,7 @@ def build_server(settings: Settings) -> MCPServer:
         idempotency_key: str | None,
     ) -> JobTicket:
         change = _parse(
+            "",
             run_type=run_type.value,
             run_id=run_id,
             state=state,
@@ -117,7 +133,8 @@ def build_server(settings: Settings) -> MCPServer:
             max_message_chars=settings.max_message_chars,
             run_id_field=f"{run_type.value}_run_id",
         )
-        return await _guard(ctx.request_context.lifespan_context.submit(change))
+        tickets = await _guard(ctx.request_context.lifespan_context.submit([change]), batch=False)
+        return tickets[0]
 
     @mcp.tool(annotations=_SUBMIT)
     async def set_task_run_state(
@@ -129,7 +146,9 @@ def build_server(settings: Settings) -> MCPServer:
         idempotency_key: IdempotencyArg = None,
     ) -> JobTicket:
         """Queue a state change for a Prefect task run; answers at once with a job ticket."""
-        return await submit(ctx, RunType.TASK, task_run_id, state, message, force, idempotency_key)
+        return await submit_one(
+            ctx, RunType.TASK, task_run_id, state, message, force, idempotency_key
+        )
 
     @mcp.tool(annotations=_SUBMIT)
     async def set_flow_run_state(
@@ -141,7 +160,39 @@ def build_server(settings: Settings) -> MCPServer:
         idempotency_key: IdempotencyArg = None,
     ) -> JobTicket:
         """Queue a state change for a Prefect flow run; answers at once with a job ticket."""
-        return await submit(ctx, RunType.FLOW, flow_run_id, state, message, force, idempotency_key)
+        return await submit_one(
+            ctx, RunType.FLOW, flow_run_id, state, message, force, idempotency_key
+        )
+
+    @mcp.tool(annotations=_SUBMIT)
+    async def submit_state_changes(
+        changes: Annotated[
+            list[ChangeIn],
+            Field(
+                min_length=1,
+                max_length=settings.max_batch_size,
+                description=f"1 to {settings.max_batch_size} changes, applied per run in "
+                "this order.",
+            ),
+        ],
+        ctx: Ctx,
+    ) -> TicketList:
+        """Queue many state changes at once: all validated first, all queued or none."""
+        parsed = [
+            _parse(
+                f"changes[{index}].",
+                run_type=item.run_type,
+                run_id=item.run_id,
+                state=item.state,
+                message=item.message,
+                force=item.force,
+                idempotency_key=item.idempotency_key,
+                max_message_chars=settings.max_message_chars,
+            )
+            for index, item in enumerate(changes)
+        ]
+        tickets = await _guard(ctx.request_context.lifespan_context.submit(parsed), batch=True)
+        return TicketList(jobs=tickets)
 
     @mcp.tool(annotations=_READ)
     async def get_job(
@@ -184,11 +235,12 @@ def build_server(settings: Settings) -> MCPServer:
     return mcp
 
 
-def _parse(**kwargs: Any) -> StateChange:
+def _parse(where: str, **kwargs: Any) -> StateChange:
+    """Validate one change; `where` prefixes the field name (e.g. "changes[3].")."""
     try:
         return StateChange.parse(**kwargs)
     except InvalidChange as exc:
-        raise ToolError(f"invalid {exc.field}: {exc.rule}; nothing was queued") from exc
+        raise ToolError(f"invalid {where}{exc.field}: {exc.rule}; nothing was queued") from exc
 
 
 def _check_job_id(job_id: str, field: str) -> None:
@@ -198,7 +250,7 @@ def _check_job_id(job_id: str, field: str) -> None:
         )
 
 
-async def _guard(call: Awaitable[T]) -> T:
+async def _guard(call: Awaitable[T], *, batch: bool = False) -> T:
     """Translate domain errors into tool errors an agent can act on."""
     try:
         return await call
@@ -207,10 +259,8 @@ async def _guard(call: Awaitable[T]) -> T:
             "queue full: too many changes are waiting; nothing was queued, retry later"
         ) from None
     except IdempotencyConflict as exc:
-        raise ToolError(
-            f"invalid idempotency_key: already used by job {exc.job_id} for a "
-            "different change; nothing was queued"
-        ) from None
+        field = f"changes[{exc.index}].idempotency_key" if batch else "idempotency_key"
+        raise ToolError(f"invalid {field}: {exc.detail}; nothing was queued") from None
     except JobNotFound as exc:
         raise ToolError(
             f"unknown job_id {exc.job_id}: no such job, or its record expired"

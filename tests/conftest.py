@@ -73,7 +73,7 @@ class Stack:
     def env(self, **overrides: Any) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PMQ_", "PREFECT_"))}
         values = {**self.settings.model_dump(exclude={"prefect_api_url"}), **overrides}
-        env.update({f"PMQ_{k.upper()}": str(v) for k, v in values.items()})
+        env.update({f"PMQ_{k.upper()}": str(v) for k, v in values.items() if v is not None})
         env["PREFECT_API_URL"] = overrides.pop("prefect_api_url", self.prefect_api_url)
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         env["PREFECT_HOME"] = str(self.services.tmp / "client-home")

@@ -118,8 +118,10 @@ async def test_job_deadline_ends_retries(
 ) -> None:
     flow_run = await prefect.flow_run("PENDING")
     proxy.always = Fault(503)
-    stack.start_worker(prefect_api_url=proxy.url + "/api", max_attempts=1000, job_deadline_s=3)
-    async with Client(build_server(stack.settings)) as client:
+    # The deadline is fixed when the frontend accepts the change.
+    settings = stack.settings.model_copy(update={"job_deadline_s": 3.0})
+    stack.start_worker(prefect_api_url=proxy.url + "/api", max_attempts=1000)
+    async with Client(build_server(settings)) as client:
         ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
         job = await wait_terminal(client, ticket["job_id"])
     assert job["status"] == "failed"

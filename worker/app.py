@@ -27,20 +27,20 @@ from worker.contract import (
     json_serializer,
     utcnow,
 )
-from worker.policy import backoff_s, deadline_of
+from worker.policy import backoff_s
 from worker.settings import Settings
-from worker.store import JobStore
+from worker.store import JobStore, RateLimiter
 
 log = logging.getLogger(__name__)
 
 # Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
 _ARQ_MAX_TRIES = 1_000_000
+_PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
 
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     """Apply one queued change to Prefect and record the outcome."""
     store: JobStore = ctx["store"]
-    settings: Settings = ctx["settings"]
     record = await store.load(job_id)
     if record is None:
         log.warning("job %s has no record (expired or deleted); nothing to apply", job_id)
@@ -48,7 +48,7 @@ async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     if record.status.is_terminal:
         return  # cancelled while queued, or a re-delivery of a finished job
     try:
-        await _attempt(record, store, ctx["applier"], settings)
+        await _attempt(ctx, record)
     except Retry:
         raise
     except Exception as exc:
@@ -59,35 +59,45 @@ async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
             Outcome(
                 Status.FAILED, error=JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
             ),
-            allowed=(Status.RUNNING,),
+            allowed=(*PENDING_STATUSES, Status.RUNNING),
         )
 
 
-async def _attempt(
-    record: JobRecord, store: JobStore, applier: PrefectApplier, settings: Settings
-) -> None:
+async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
     now = utcnow()
-    if now >= deadline_of(record.enqueued_at, settings.job_deadline_s):
+    if now >= record.deadline:
         await _exhausted(store, record, "job deadline passed before the change could be applied")
         return
-    # `running` is allowed: it means a worker died mid-attempt and arq re-delivered the job.
+    # `running` is allowed: a worker died mid-attempt and arq re-delivered the job.
     was_running = record.status is Status.RUNNING
-    claim = await store.transition(
+    recheck_s = min(settings.gate_recheck_s, max((record.deadline - now).total_seconds(), 0.1))
+    claim = await store.claim(
         record.job_id,
         allowed=(*PENDING_STATUSES, Status.RUNNING),
-        status=Status.RUNNING,
-        set_fields={"started_at": record.started_at or now, "attempts": record.attempts + 1},
-        clear_fields=("next_attempt_at",),
+        set_fields={"started_at": record.started_at or now},
+        recheck_at=now + timedelta(seconds=recheck_s),
     )
-    if not claim.applied:
-        return  # cancelled (or finished) between the read and the claim
-    # Any earlier attempt that did not end the job may still have reached Prefect.
-    outcome = await applier.apply(record, check_history=was_running or record.attempts > 0)
-    record = record.model_copy(update={"attempts": record.attempts + 1})
+    if claim.outcome == "blocked":
+        # Waiting behind an earlier change to this run: not an attempt. The earlier
+        # change wakes this one when it finishes; the deferral is only a safety net.
+        ctx[_PARKED] = True
+        raise Retry(defer=recheck_s)
+    if claim.outcome != "claimed":
+        return  # cancelled or finished meanwhile
+    # Any earlier attempt that did not end the job may have reached Prefect.
+    outcome = await ctx["applier"].apply(record, check_history=was_running or record.attempts > 0)
+    if outcome.called:
+        record = record.model_copy(update={"attempts": record.attempts + 1})
     if outcome.status is not Status.WAITING:
         await _finish(store, record, outcome, allowed=(Status.RUNNING,))
         return
+    await _defer(store, settings, record, outcome)
 
+
+async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome: Outcome) -> None:
+    """Send a job back to the queue after a transient error, a WAIT or the rate limit."""
     failures = record.transient_failures + (1 if outcome.transient else 0)
     if outcome.transient:
         delay = backoff_s(
@@ -99,14 +109,23 @@ async def _attempt(
     else:
         delay = outcome.delay_s or 0.0
     next_at = utcnow() + timedelta(seconds=delay)
-    reason = outcome.error.message if outcome.error else "Prefect asked to wait"
+    if outcome.error:
+        reason = outcome.error.message
+    elif outcome.orchestration:
+        reason = f"Prefect answered WAIT: {outcome.orchestration.reason}"
+    else:
+        reason = "the shared Prefect rate limit"
     if failures >= settings.max_attempts:
         await _exhausted(store, record, f"{failures} transient failures; last: {reason}")
         return
-    if next_at > deadline_of(record.enqueued_at, settings.job_deadline_s):
+    if next_at > record.deadline:
         await _exhausted(store, record, f"next try would pass the job deadline; last: {reason}")
         return
-    fields: dict[str, Any] = {"next_attempt_at": next_at, "transient_failures": failures}
+    fields: dict[str, Any] = {
+        "next_attempt_at": next_at,
+        "transient_failures": failures,
+        "attempts": record.attempts,
+    }
     if outcome.orchestration:
         fields["orchestration"] = outcome.orchestration
     if outcome.error:
@@ -131,8 +150,8 @@ async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
 async def _finish(
     store: JobStore, record: JobRecord, outcome: Outcome, *, allowed: tuple[Status, ...]
 ) -> None:
-    fields: dict[str, Any] = {"finished_at": utcnow()}
-    clear = ["next_attempt_at"]
+    fields: dict[str, Any] = {"finished_at": utcnow(), "attempts": record.attempts}
+    clear = ["next_attempt_at", "blocked_on"]
     if outcome.orchestration:
         fields["orchestration"] = outcome.orchestration
     if outcome.error:
@@ -145,13 +164,24 @@ async def _finish(
     level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
     log.log(
         level,
-        "job %s %s run %s -> %s: %s",
+        "job %s %s: %s run %s -> %s: %s",
         record.job_id,
         outcome.status.value,
+        record.run_type.value,
         record.run_id,
         record.state.value,
         outcome.error or outcome.orchestration,
     )
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    """Close the race between parking a job and its blocker finishing.
+
+    arq re-scores a retried job after our function returns, which can overwrite
+    the wake-up the blocker sent in between; re-checking here catches that.
+    """
+    if ctx.get(_PARKED):
+        await ctx["store"].recheck_parked(ctx["job_id"])
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -160,12 +190,15 @@ async def startup(ctx: dict[str, Any]) -> None:
     # (see PrefectApplier._send): the queue retries, visibly.
     client = get_client(httpx_settings={"timeout": httpx.Timeout(settings.prefect_timeout_s)})
     ctx["prefect"] = await client.__aenter__()
-    ctx["applier"] = PrefectApplier(ctx["prefect"])
+    redis = ctx["redis"]  # arq's own pool: one Redis connection pool per process
+    limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
+    ctx["applier"] = PrefectApplier(ctx["prefect"], limiter)
     ctx["store"] = JobStore(
-        ctx["redis"],  # arq's own pool: one Redis connection pool per process
+        redis,
         result_ttl_s=settings.result_ttl_s,
         job_deadline_s=settings.job_deadline_s,
         max_queue_depth=settings.max_queue_depth,
+        gate_grace_s=settings.job_timeout_s,
     )
 
 
@@ -191,6 +224,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "job_deserializer": json_deserializer,
         "on_startup": startup,
         "on_shutdown": shutdown,
+        "after_job_end": after_job_end,
         "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
         "poll_delay": settings.worker_poll_delay_s,

@@ -6,6 +6,7 @@ The table in DESIGN.md ("Outcome classification") is implemented by
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from prefect.client.schemas.objects import StateDetails
 
 from worker.contract import ErrorCode, JobError, JobRecord, Orchestration, RunType, Status
 from worker.policy import parse_retry_after
+from worker.store import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,22 @@ class Outcome:
     delay_s: float | None = None
     # True for errors that use up the attempt budget; False for Prefect's WAIT.
     transient: bool = False
+    # Whether this try reached Prefect at all (what `attempts` counts); the shared
+    # rate limit can send a job back before it does.
+    called: bool = True
+
+
+class RateLimited(Exception):
+    """The shared Prefect budget is spent for longer than a worker should hold a slot."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(wait_s)
+        self.wait_s = wait_s
+
+
+# Waits up to this long for the shared rate limit happen in place; longer ones
+# go back to the queue so the slot serves other work meanwhile.
+MAX_INLINE_RATE_WAIT_S = 1.0
 
 
 def classify_answer(body: dict[str, Any]) -> Outcome:
@@ -111,8 +129,18 @@ def _detail(response: httpx.Response) -> str:
 class PrefectApplier:
     """Applies one job's change through a shared, long-lived Prefect client."""
 
-    def __init__(self, client: PrefectClient) -> None:
+    def __init__(self, client: PrefectClient, limiter: RateLimiter | None = None) -> None:
         self.client = client
+        self.limiter = limiter
+
+    async def _throttle(self) -> None:
+        """Take one call from the shared budget, waiting briefly or raising RateLimited."""
+        if self.limiter is None:
+            return
+        while (wait_s := await self.limiter.try_acquire()) > 0:
+            if wait_s > MAX_INLINE_RATE_WAIT_S:
+                raise RateLimited(wait_s)
+            await asyncio.sleep(wait_s)
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP call with Prefect's configuration (URL, auth, TLS) but none of its retries.
@@ -123,6 +151,7 @@ class PrefectApplier:
         httpx's own `send` on the client Prefect configured. Prefect's transport still
         retries a refused connection 3 times (about 1.5 s), which is cheap and bounded.
         """
+        await self._throttle()
         http = self.client._client
         request = http.build_request(method, path, **kwargs)
         response = await httpx.AsyncClient.send(http, request)
@@ -177,5 +206,7 @@ class PrefectApplier:
                 if found is not None:
                     return Outcome(Status.APPLIED, found)
             return classify_answer(await self.set_state(record))
+        except RateLimited as exc:
+            return Outcome(Status.WAITING, delay_s=exc.wait_s, called=False)
         except (httpx.HTTPError, OSError) as exc:
             return classify_error(exc)

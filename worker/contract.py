@@ -19,21 +19,14 @@ APPLY_STATE_CHANGE = "apply_state_change"
 
 # Redis keys. arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live in arq.constants.
 JOB_KEY_PREFIX = "pmq:job:"
-SEQ_KEY_PREFIX = "pmq:seq:"
+RUN_KEY_PREFIX = "pmq:run:"  # per run: `seq` counter and `last` job id
 IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"
+RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
 TERMINAL_CHANNEL = "pmq:events:terminal"
 
 
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
-
-
-def seq_key(run_type: RunType, run_id: str) -> str:
-    return f"{SEQ_KEY_PREFIX}{run_type}:{run_id}"
-
-
-def idempotency_key(key: str) -> str:
-    return IDEMPOTENCY_KEY_PREFIX + key
 
 
 def new_job_id() -> str:
@@ -202,7 +195,12 @@ class JobRecord(BaseModel):
     force: bool = False
     idempotency_key: str | None = None
     fingerprint: str = ""
+    # Per-run acceptance order, and the neighbours in that order (see worker.lua).
     seq: int = 0
+    prev_job_id: str | None = None
+    next_job_id: str | None = None
+    blocked_on: str | None = None
+    deadline_ms: int = 0
     # Sent as state_details.transition_id: lets a re-run find its own transition.
     transition_id: str = ""
     attempts: int = 0
@@ -225,15 +223,25 @@ class JobRecord(BaseModel):
         return value in ("1", b"1", True) if isinstance(value, str | bytes) else value
 
     @classmethod
-    def new(cls, change: StateChange, *, enqueued_at: datetime) -> JobRecord:
+    def new(cls, change: StateChange, *, enqueued_at: datetime, deadline_s: float) -> JobRecord:
         return cls(
             job_id=new_job_id(),
             status=Status.QUEUED,
             transition_id=str(uuid.uuid4()),
             fingerprint=change.fingerprint(),
             enqueued_at=enqueued_at,
+            deadline_ms=int((enqueued_at.timestamp() + deadline_s) * 1000),
             **change.model_dump(),
         )
+
+    @property
+    def run_key(self) -> str:
+        """The per-run ordering key (without prefix)."""
+        return f"{self.run_type}:{self.run_id}"
+
+    @property
+    def deadline(self) -> datetime:
+        return datetime.fromtimestamp(self.deadline_ms / 1000, UTC)
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> JobRecord:

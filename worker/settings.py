@@ -30,9 +30,21 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         100_000, gt=0, description="Enqueue answers 'queue full' at this many jobs in the queue."
     )
+    max_batch_size: int = Field(
+        1_000, ge=1, description="Most changes one `submit_state_changes` call may carry."
+    )
     worker_concurrency: int = Field(16, ge=1, description="Jobs one worker process runs at once.")
     worker_poll_delay_s: float = Field(
         0.05, gt=0, description="How often an idle worker looks for new jobs."
+    )
+    gate_recheck_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a change parked behind an earlier one re-checks it "
+        "(it is normally woken the moment the earlier one finishes).",
+    )
+    prefect_max_rps: float | None = Field(
+        None, gt=0, description="Prefect calls per second shared by all workers; unset = no limit."
     )
     backoff_base_s: float = Field(0.5, gt=0, description="First transient-retry backoff ceiling.")
     backoff_max_s: float = Field(60.0, gt=0, description="Largest transient-retry backoff.")

@@ -1,81 +1,36 @@
-"""Job records in Redis: atomic enqueue and compare-and-set status transitions.
+"""Job records in Redis: atomic enqueue, the ordering gate, status transitions.
 
-Every write here is one Lua script, so a crash can never leave a record
-without its queue entry (or the reverse), and a cancel can never race a
-worker's claim.
+Every write is one Lua script (`worker.lua`), so a crash can never leave a
+record without its queue entry (or the reverse), and a cancel can never race
+a worker's claim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from arq.constants import default_queue_name, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
+from worker import lua
 from worker.contract import (
     APPLY_STATE_CHANGE,
+    IDEMPOTENCY_KEY_PREFIX,
     JOB_KEY_PREFIX,
+    RATE_LIMIT_KEY,
+    RUN_KEY_PREFIX,
     TERMINAL_CHANNEL,
     JobRecord,
     Status,
     fields_to_hash,
-    idempotency_key,
     job_key,
     json_serializer,
-    seq_key,
 )
-
-# KEYS: record, run sequence, arq job, arq queue, idempotency key ("" when none)
-# ARGV: job id, arq payload, queue score ms, arq job ttl ms, record ttl ms,
-#       max queue depth, fingerprint, record prefix, then field/value pairs
-# Returns {"new", job_id, seq} | {"duplicate", job_id} | {"conflict", job_id} | {"full"}
-_ENQUEUE = """
-local idem = KEYS[5]
-if idem ~= "" then
-  local existing = redis.call("GET", idem)
-  if existing then
-    local fp = redis.call("HGET", ARGV[8] .. existing, "fingerprint")
-    if fp == ARGV[7] then return {"duplicate", existing} end
-    if fp then return {"conflict", existing} end
-  end
-end
-if redis.call("ZCARD", KEYS[4]) >= tonumber(ARGV[6]) then return {"full"} end
-local seq = redis.call("INCR", KEYS[2])
-redis.call("PEXPIRE", KEYS[2], ARGV[5])
-local fields = {"seq", seq}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call("HSET", KEYS[1], unpack(fields))
-redis.call("PEXPIRE", KEYS[1], ARGV[5])
-redis.call("SET", KEYS[3], ARGV[2], "PX", ARGV[4])
-redis.call("ZADD", KEYS[4], ARGV[3], ARGV[1])
-if idem ~= "" then redis.call("SET", idem, ARGV[1], "PX", ARGV[5]) end
-return {"new", ARGV[1], seq}
-"""
-
-# KEYS: record
-# ARGV: allowed statuses (space-separated), record ttl ms (0 = leave), channel to
-#       publish the job id on ("" = none), number of fields to delete, those
-#       fields, then field/value pairs to set.
-# Returns {1, new status} when applied, {0, current status or ""} when not.
-_TRANSITION = """
-local current = redis.call("HGET", KEYS[1], "status")
-if not current then return {0, ""} end
-local allowed = false
-for s in string.gmatch(ARGV[1], "%S+") do
-  if s == current then allowed = true end
-end
-if not allowed then return {0, current} end
-local ndel = tonumber(ARGV[4])
-if ndel > 0 then redis.call("HDEL", KEYS[1], unpack(ARGV, 5, 4 + ndel)) end
-local first = 5 + ndel
-if first <= #ARGV then redis.call("HSET", KEYS[1], unpack(ARGV, first, #ARGV)) end
-if tonumber(ARGV[2]) > 0 then redis.call("PEXPIRE", KEYS[1], ARGV[2]) end
-if ARGV[3] ~= "" then redis.call("PUBLISH", ARGV[3], string.sub(KEYS[1], #"%s" + 1)) end
-return {1, redis.call("HGET", KEYS[1], "status")}
-""".replace("%s", JOB_KEY_PREFIX)
 
 
 class QueueFull(Exception):
@@ -83,11 +38,15 @@ class QueueFull(Exception):
 
 
 class IdempotencyConflict(Exception):
-    """The idempotency key names an existing job with a different change."""
+    """An idempotency key is already used for a different change.
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
-        self.job_id = job_id
+    `index` is the position of the offending change in the submitted batch.
+    """
+
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(f"changes[{index}]: {detail}")
+        self.index = index
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -102,6 +61,12 @@ class Transition:
     status: Status | None  # None: the record does not exist (expired or never did)
 
 
+@dataclass(frozen=True)
+class Claim:
+    outcome: Literal["claimed", "blocked", "skip", "gone"]
+    blocked_on: str | None = None
+
+
 class JobStore:
     """Reads and writes job records; shared by the frontend and the workers."""
 
@@ -112,15 +77,19 @@ class JobStore:
         result_ttl_s: int,
         job_deadline_s: float,
         max_queue_depth: int,
+        gate_grace_s: float = 0.0,
         queue_name: str = default_queue_name,
     ) -> None:
         self.redis = redis
         self.result_ttl_s = result_ttl_s
         self.job_deadline_s = job_deadline_s
         self.max_queue_depth = max_queue_depth
+        self.gate_grace_ms = int(gate_grace_s * 1000)
         self.queue_name = queue_name
-        self._enqueue = redis.register_script(_ENQUEUE)
-        self._transition = redis.register_script(_TRANSITION)
+        self._enqueue = redis.register_script(lua.ENQUEUE)
+        self._claim = redis.register_script(lua.CLAIM)
+        self._recheck = redis.register_script(lua.RECHECK)
+        self._transition = redis.register_script(lua.TRANSITION)
 
     @property
     def pending_ttl_ms(self) -> int:
@@ -128,47 +97,51 @@ class JobStore:
         return int((self.job_deadline_s + self.result_ttl_s) * 1000)
 
     async def enqueue(self, record: JobRecord) -> Enqueued:
-        """Store the record and its arq queue entry in one atomic step."""
-        enqueue_ms = int(record.enqueued_at.timestamp() * 1000)
-        payload = serialize_job(
-            APPLY_STATE_CHANGE, (record.job_id,), {}, None, enqueue_ms, serializer=json_serializer
-        )
-        fields = record.to_hash()
-        fields.pop("seq", None)
-        flat = [item for pair in fields.items() for item in pair]
-        idem = idempotency_key(record.idempotency_key) if record.idempotency_key else ""
+        return (await self.enqueue_many([record]))[0]
+
+    async def enqueue_many(self, records: Sequence[JobRecord]) -> list[Enqueued]:
+        """Store records and their arq queue entries in one atomic round trip, in order.
+
+        All or nothing: a full queue or an idempotency conflict writes nothing.
+        """
+        unique, positions = _dedupe_keys(records)
+        origin = [index for index, (_, first) in enumerate(positions) if first]
+        items = [json.dumps(_item(record)) for record in unique]
         reply = await self._enqueue(
-            keys=[
-                job_key(record.job_id),
-                seq_key(record.run_type, record.run_id),
-                job_key_prefix + record.job_id,
-                self.queue_name,
-                idem,
-            ],
+            keys=[self.queue_name],
             args=[
-                record.job_id,
-                payload,
-                enqueue_ms,
-                self.pending_ttl_ms,
-                self.pending_ttl_ms,
                 self.max_queue_depth,
-                record.fingerprint,
+                self.pending_ttl_ms,
                 JOB_KEY_PREFIX,
-                *flat,
+                job_key_prefix,
+                RUN_KEY_PREFIX,
+                IDEMPOTENCY_KEY_PREFIX,
+                *items,
             ],
         )
         outcome = _text(reply[0])
         if outcome == "full":
             raise QueueFull
         if outcome == "conflict":
-            raise IdempotencyConflict(_text(reply[1]))
-        if outcome == "duplicate":
-            existing = await self.load(_text(reply[1]))
-            if existing is not None:
-                return Enqueued(existing, deduplicated=True)
-            # The original expired between the script and this read: very rare, and
-            # the key is about to expire too; answering with the ticket we have is safe.
-        return Enqueued(record.model_copy(update={"seq": int(reply[2])}), deduplicated=False)
+            raise IdempotencyConflict(
+                origin[int(reply[1])],
+                f"already used by job {_text(reply[2])} for a different change",
+            )
+        results: list[Enqueued] = []
+        existing_ids = [_text(row[1]) for row in reply[1:] if _text(row[0]) == "duplicate"]
+        existing = dict(zip(existing_ids, await self.load_many(existing_ids), strict=True))
+        for record, row in zip(unique, reply[1:], strict=True):
+            if _text(row[0]) == "new":
+                results.append(Enqueued(record.model_copy(update={"seq": int(row[2])}), False))
+                continue
+            found = existing[_text(row[1])]
+            # The original can expire between the script and this read only at the very
+            # end of its TTL; its ticket is then the best answer we have.
+            results.append(Enqueued(found or record, True))
+        return [
+            results[index] if first else Enqueued(results[index].record, True)
+            for index, first in positions
+        ]
 
     async def load(self, job_id: str) -> JobRecord | None:
         data: dict[bytes, bytes] = await self.redis.hgetall(job_key(job_id))  # type: ignore[misc]
@@ -181,6 +154,44 @@ class JobStore:
             rows = await pipe.execute()
         return [JobRecord.from_hash(_decode(row)) if row else None for row in rows]
 
+    async def claim(
+        self,
+        job_id: str,
+        *,
+        allowed: Iterable[Status],
+        set_fields: dict[str, Any],
+        recheck_at: datetime,
+    ) -> Claim:
+        """Mark the job `running` unless an earlier change to its run is unfinished.
+
+        A blocked job is parked (`waiting`, `blocked_on`); see `worker.lua`.
+        """
+        encoded = fields_to_hash({**set_fields, "status": Status.RUNNING.value})
+        reply = await self._claim(
+            keys=[job_key(job_id)],
+            args=[
+                JOB_KEY_PREFIX,
+                self.gate_grace_ms,
+                " ".join(s.value for s in allowed),
+                recheck_at.isoformat(),
+                *_flatten(encoded),
+            ],
+        )
+        outcome = _text(reply[0])
+        if outcome == "blocked":
+            return Claim("blocked", _text(reply[1]))
+        if outcome in ("claimed", "skip", "gone"):
+            return Claim(outcome)  # type: ignore[arg-type]
+        raise RuntimeError(f"unexpected claim reply {reply!r}")
+
+    async def recheck_parked(self, job_id: str) -> bool:
+        """Requeue a parked job at once if its blocker finished; True if it did."""
+        woke = await self._recheck(
+            keys=[job_key(job_id), self.queue_name],
+            args=[JOB_KEY_PREFIX, self.gate_grace_ms, job_id],
+        )
+        return bool(woke)
+
     async def transition(
         self,
         job_id: str,
@@ -192,24 +203,89 @@ class JobStore:
     ) -> Transition:
         """Move a job to `status` if it is currently in one of `allowed`.
 
-        A terminal status gets the result TTL and wakes long-pollers.
+        A terminal status gets the result TTL, wakes long-pollers and wakes the
+        next change to the same run if it is parked behind this one.
         """
         terminal = status.is_terminal
         encoded = fields_to_hash({**(set_fields or {}), "status": status.value})
         clear = list(clear_fields)
         reply = await self._transition(
-            keys=[job_key(job_id)],
+            keys=[job_key(job_id), self.queue_name],
             args=[
+                JOB_KEY_PREFIX,
                 " ".join(s.value for s in allowed),
                 self.result_ttl_s * 1000 if terminal else 0,
                 TERMINAL_CHANNEL if terminal else "",
+                job_id,
                 len(clear),
                 *clear,
-                *[item for pair in encoded.items() for item in pair],
+                *_flatten(encoded),
             ],
         )
         current = _text(reply[1])
         return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
+
+
+class RateLimiter:
+    """One budget of Prefect calls per second shared by every worker process."""
+
+    def __init__(self, redis: Redis, max_rps: float, *, burst: int = 1) -> None:
+        self.interval_ms = max(1, round(1000 / max_rps))
+        self.burst_ms = (burst - 1) * self.interval_ms
+        self._script = redis.register_script(lua.RATE_LIMIT)
+
+    async def try_acquire(self) -> float:
+        """0 if a call may go now (and counts it), else the seconds to wait."""
+        wait_ms = await self._script(keys=[RATE_LIMIT_KEY], args=[self.interval_ms, self.burst_ms])
+        return int(wait_ms) / 1000
+
+
+def _item(record: JobRecord) -> dict[str, Any]:
+    enqueue_ms = int(record.enqueued_at.timestamp() * 1000)
+    payload = serialize_job(
+        APPLY_STATE_CHANGE, (record.job_id,), {}, None, enqueue_ms, serializer=json_serializer
+    )
+    fields = record.to_hash()
+    fields.pop("seq", None)
+    return {
+        "id": record.job_id,
+        "payload": payload.decode(),
+        "run": record.run_key,
+        "idem": record.idempotency_key or "",
+        "fp": record.fingerprint,
+        "fields": _flatten(fields),
+    }
+
+
+def _dedupe_keys(
+    records: Sequence[JobRecord],
+) -> tuple[list[JobRecord], list[tuple[int, bool]]]:
+    """Collapse repeats of one idempotency key within a batch onto its first use.
+
+    Returns the records to send and, per input, (index into those, is-first-use).
+    """
+    unique: list[JobRecord] = []
+    first_use: dict[str, int] = {}
+    positions: list[tuple[int, bool]] = []
+    for index, record in enumerate(records):
+        key = record.idempotency_key
+        if key is not None and key in first_use:
+            earlier = unique[first_use[key]]
+            if earlier.fingerprint != record.fingerprint:
+                raise IdempotencyConflict(
+                    index, "used earlier in this batch for a different change"
+                )
+            positions.append((first_use[key], False))
+            continue
+        if key is not None:
+            first_use[key] = len(unique)
+        positions.append((len(unique), True))
+        unique.append(record)
+    return unique, positions
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _text(value: bytes | str | int) -> str:

@@ -1,0 +1,204 @@
+"""The Redis scripts behind every job write. Each runs atomically.
+
+Per-run ordering lives here. At enqueue each job is linked to the previous
+job for the same run (`prev_job_id`, and the predecessor's `next_job_id`).
+A worker may claim a job only when its nearest non-cancelled predecessor is
+terminal, has vanished (expired or deleted), or is past its deadline plus
+one job timeout (it can then never be applied). Otherwise the job is parked:
+`waiting` with `blocked_on`, and the predecessor's terminal transition wakes
+it by moving its queue entry to now.
+"""
+
+# Shared helpers, prepended to the scripts that need them.
+# Record prefix in P (ARGV-supplied by each script before use).
+_HELPERS = """
+-- Redis 6 needs this before a write that follows TIME; Redis 7 always does it.
+if redis.replicate_commands then redis.replicate_commands() end
+
+local function is_terminal(s)
+  return s == "applied" or s == "rejected" or s == "failed" or s == "cancelled"
+end
+
+-- The predecessor job id this record must wait for, or false.
+local function blocker(P, rec, now_ms, grace_ms)
+  local prev = redis.call("HGET", rec, "prev_job_id")
+  while prev do
+    local p = redis.call("HMGET", P .. prev, "status", "deadline_ms", "prev_job_id")
+    if not p[1] then return false end
+    if p[1] ~= "cancelled" then
+      if is_terminal(p[1]) then return false end
+      if tonumber(p[2]) + grace_ms < now_ms then return false end
+      return prev
+    end
+    prev = p[3]
+  end
+  return false
+end
+
+-- Move the first parked, non-cancelled successor of `rec` to the front of the queue.
+local function wake_successor(P, Q, rec, now_ms)
+  local nxt = redis.call("HGET", rec, "next_job_id")
+  while nxt do
+    local s = redis.call("HMGET", P .. nxt, "status", "blocked_on", "next_job_id")
+    if not s[1] then return end
+    if s[1] ~= "cancelled" then
+      if s[1] == "waiting" and s[2] then redis.call("ZADD", Q, "XX", now_ms, nxt) end
+      return
+    end
+    nxt = s[3]
+  end
+end
+
+local function now_ms()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: arq queue
+# ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
+#       idempotency prefix, then one JSON item per change:
+#       {"id", "payload", "run", "idem", "fp", "fields": [k, v, ...]}
+# Returns {"full"} | {"conflict", index, existing id} |
+#         {"ok", {kind, id, seq}, ...} with kind "new" or "duplicate"
+ENQUEUE = (
+    _HELPERS
+    + """
+local Q = KEYS[1]
+local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
+local P, J, R, I = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local items, fresh = {}, 0
+for i = 7, #ARGV do
+  local item = cjson.decode(ARGV[i])
+  if item.idem ~= "" then
+    local existing = redis.call("GET", I .. item.idem)
+    if existing then
+      local fp = redis.call("HGET", P .. existing, "fingerprint")
+      if fp then
+        if fp ~= item.fp then return {"conflict", i - 7, existing} end
+        item.existing = existing
+      end
+    end
+  end
+  if not item.existing then fresh = fresh + 1 end
+  items[#items + 1] = item
+end
+if fresh > 0 and redis.call("ZCARD", Q) + fresh > max_depth then return {"full"} end
+local now = now_ms()
+local out = {"ok"}
+for _, item in ipairs(items) do
+  if item.existing then
+    out[#out + 1] = {"duplicate", item.existing, 0}
+  else
+    local run = R .. item.run
+    local seq = redis.call("HINCRBY", run, "seq", 1)
+    local prev = redis.call("HGET", run, "last")
+    redis.call("HSET", run, "last", item.id)
+    redis.call("PEXPIRE", run, ttl)
+    local rec = P .. item.id
+    redis.call("HSET", rec, "seq", seq, unpack(item.fields))
+    if prev then
+      redis.call("HSET", rec, "prev_job_id", prev)
+      if redis.call("EXISTS", P .. prev) == 1 then
+        redis.call("HSET", P .. prev, "next_job_id", item.id)
+      end
+    end
+    redis.call("PEXPIRE", rec, ttl)
+    redis.call("SET", J .. item.id, item.payload, "PX", ttl)
+    redis.call("ZADD", Q, now, item.id)
+    if item.idem ~= "" then redis.call("SET", I .. item.idem, item.id, "PX", ttl) end
+    out[#out + 1] = {"new", item.id, seq}
+  end
+end
+return out
+"""
+)
+
+# KEYS: record
+# ARGV: record prefix, grace ms, allowed statuses (space-separated), next check
+#       time (ISO, shown while parked), then claim field/value pairs (status included).
+# Returns {"claimed"} | {"blocked", predecessor id} | {"skip", status} | {"gone"}
+CLAIM = (
+    _HELPERS
+    + """
+local rec, P = KEYS[1], ARGV[1]
+local current = redis.call("HGET", rec, "status")
+if not current then return {"gone"} end
+local allowed = false
+for s in string.gmatch(ARGV[3], "%S+") do
+  if s == current then allowed = true end
+end
+if not allowed then return {"skip", current} end
+local prev = blocker(P, rec, now_ms(), tonumber(ARGV[2]))
+if prev then
+  redis.call("HSET", rec, "status", "waiting", "blocked_on", prev, "next_attempt_at", ARGV[4])
+  return {"blocked", prev}
+end
+redis.call("HDEL", rec, "blocked_on", "next_attempt_at")
+redis.call("HSET", rec, unpack(ARGV, 5, #ARGV))
+return {"claimed"}
+"""
+)
+
+# After a parked job's arq run has ended: if its blocker finished in the
+# meantime (its wake-up may have been overwritten by arq re-scoring the job),
+# move it to the front of the queue now.
+# KEYS: record, arq queue   ARGV: record prefix, grace ms, job id
+RECHECK = (
+    _HELPERS
+    + """
+local rec = KEYS[1]
+local s = redis.call("HMGET", rec, "status", "blocked_on")
+if s[1] ~= "waiting" or not s[2] then return 0 end
+if blocker(ARGV[1], rec, now_ms(), tonumber(ARGV[2])) then return 0 end
+redis.call("ZADD", KEYS[2], "XX", now_ms(), ARGV[3])
+return 1
+"""
+)
+
+# KEYS: record, arq queue
+# ARGV: record prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
+#       channel to publish the job id on ("" = none), job id, number of fields to
+#       delete, those fields, then field/value pairs to set (status included).
+# Returns {1, status} when applied, {0, current status or ""} when not.
+TRANSITION = (
+    _HELPERS
+    + """
+local rec, P = KEYS[1], ARGV[1]
+local current = redis.call("HGET", rec, "status")
+if not current then return {0, ""} end
+local allowed = false
+for s in string.gmatch(ARGV[2], "%S+") do
+  if s == current then allowed = true end
+end
+if not allowed then return {0, current} end
+local ndel = tonumber(ARGV[6])
+if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 7, 6 + ndel)) end
+local first = 7 + ndel
+if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
+local status = redis.call("HGET", rec, "status")
+if is_terminal(status) then
+  wake_successor(P, KEYS[2], rec, now_ms())
+end
+if tonumber(ARGV[3]) > 0 then redis.call("PEXPIRE", rec, ARGV[3]) end
+if ARGV[4] ~= "" then redis.call("PUBLISH", ARGV[4], ARGV[5]) end
+return {1, status}
+"""
+)
+
+# Generic cell rate algorithm: one Prefect call per `interval` across every
+# worker, with `burst` calls of slack. KEYS: limiter   ARGV: interval ms, burst ms
+# Returns 0 when the call may go now, else the milliseconds to wait.
+RATE_LIMIT = (
+    _HELPERS
+    + """
+local now = now_ms()
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call("GET", KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - burst > now then return tat - burst - now end
+local new_tat = tat + interval
+redis.call("SET", KEYS[1], new_tat, "PX", new_tat - now + 1000)
+return 0
+"""
+)
