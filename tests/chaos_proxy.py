@@ -4,6 +4,7 @@ Runs uvicorn in a thread of the test process; the test scripts the faults.
 """
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class ChaosProxy:
         self.always: Fault | None = None
         self.faults_sent = 0
         self.forwarded = 0
+        self.request_times: list[float] = []  # time.monotonic() of every request
         self._lock = threading.Lock()
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
         self._server = uvicorn.Server(
@@ -58,6 +60,7 @@ class ChaosProxy:
 
     def _next_fault(self) -> Fault | None:
         with self._lock:
+            self.request_times.append(time.monotonic())
             fault = self.script.popleft() if self.script else self.always
             if fault is not None:
                 self.faults_sent += 1

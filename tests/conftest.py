@@ -19,6 +19,7 @@ from mcp_frontend.devstack import (
     pmq_service,
     wait_until,
 )
+from tests.chaos_proxy import ChaosProxy
 from tests.prefect_runs import PrefectRuns
 from worker.settings import Settings
 
@@ -30,7 +31,8 @@ TEST_SETTINGS: dict[str, Any] = {
     "backoff_base_s": 0.2,
     "backoff_max_s": 1.0,
     "worker_poll_delay_s": 0.02,
-    "prefect_timeout_s": 5.0,
+    "worker_lease_s": 3.0,
+    "settle_s": 5.0,
 }
 
 
@@ -143,6 +145,13 @@ def worked_stack(services: Services) -> Iterator[Stack]:
     finally:
         current.stop()
     assert current.keys_without_ttl() == []
+
+
+@pytest.fixture
+def proxy(services: Services) -> Iterator[ChaosProxy]:
+    """A fault-injecting proxy in front of the session's Prefect server."""
+    with ChaosProxy(services.prefect.api_url.removesuffix("/api")) as chaos:
+        yield chaos
 
 
 @pytest.fixture

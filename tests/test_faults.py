@@ -11,7 +11,7 @@ from mcp import Client
 from mcp_frontend.devstack import PrefectServer, free_port
 from mcp_frontend.server import build_server
 from tests.chaos_proxy import ChaosProxy, Fault
-from tests.conftest import Services, Stack
+from tests.conftest import Stack
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 
@@ -25,12 +25,6 @@ def own_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def proxy(services: Services) -> Iterator[ChaosProxy]:
-    with ChaosProxy(services.prefect.api_url.removesuffix("/api")) as chaos:
-        yield chaos
 
 
 async def _until_all_seen_waiting(client: Client, job_ids: list[str], timeout_s: float) -> None:

@@ -6,14 +6,19 @@ id, everything else comes from the record in Redis.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from prefect.client.orchestration import get_client
+from redis.exceptions import RedisError
 
 from worker.applier import Outcome, PrefectApplier
 from worker.contract import (
@@ -48,7 +53,8 @@ async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     if record.status.is_terminal:
         return  # cancelled while queued, or a re-delivery of a finished job
     try:
-        await _attempt(ctx, record)
+        async with _lease(ctx["redis"], job_id, ctx["settings"].worker_lease_s):
+            await _attempt(ctx, record)
     except Retry:
         raise
     except Exception as exc:
@@ -63,6 +69,32 @@ async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
         )
 
 
+@contextlib.asynccontextmanager
+async def _lease(redis: ArqRedis, job_id: str, lease_s: float) -> AsyncIterator[None]:
+    """Keep arq's in-progress key alive while this worker holds the job.
+
+    arq would keep it for the longest job timeout plus 10 s, so a killed
+    worker's jobs would wait minutes; a short lease renewed by the living
+    worker brings that down to `lease_s`.
+    """
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                await redis.pexpire(in_progress_key_prefix + job_id, int(lease_s * 1000))
+            except RedisError:
+                log.warning("job %s: could not renew its lease", job_id, exc_info=True)
+
+    renewer = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+
+
 async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     store: JobStore = ctx["store"]
     settings: Settings = ctx["settings"]
@@ -70,13 +102,21 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     if now >= record.deadline:
         await _exhausted(store, record, "job deadline passed before the change could be applied")
         return
-    # `running` is allowed: a worker died mid-attempt and arq re-delivered the job.
-    was_running = record.status is Status.RUNNING
+    # A worker died mid-attempt (arq re-delivered a `running` job), or the last try
+    # ended without an answer: Prefect may have written the change, even after the
+    # call timed out. Read the history only once that call must be over.
+    uncertain = record.status is Status.RUNNING or record.ambiguous
+    if uncertain and record.attempt_started_at is not None:
+        settled_at = record.attempt_started_at + timedelta(
+            seconds=settings.prefect_timeout_s + settings.settle_s
+        )
+        if now < settled_at:
+            await _settle(store, record, settled_at)
     recheck_s = min(settings.gate_recheck_s, max((record.deadline - now).total_seconds(), 0.1))
     claim = await store.claim(
         record.job_id,
         allowed=(*PENDING_STATUSES, Status.RUNNING),
-        set_fields={"started_at": record.started_at or now},
+        set_fields={"started_at": record.started_at or now, "attempt_started_at": now},
         recheck_at=now + timedelta(seconds=recheck_s),
     )
     if claim.outcome == "blocked":
@@ -86,14 +126,25 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
         raise Retry(defer=recheck_s)
     if claim.outcome != "claimed":
         return  # cancelled or finished meanwhile
-    # Any earlier attempt that did not end the job may have reached Prefect.
-    outcome = await ctx["applier"].apply(record, check_history=was_running or record.attempts > 0)
+    outcome = await ctx["applier"].apply(record, check_history=uncertain)
     if outcome.called:
         record = record.model_copy(update={"attempts": record.attempts + 1})
     if outcome.status is not Status.WAITING:
         await _finish(store, record, outcome, allowed=(Status.RUNNING,))
         return
     await _defer(store, settings, record, outcome)
+
+
+async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> None:
+    """Defer an uncertain job until its interrupted call must be over; no attempt used."""
+    moved = await store.transition(
+        record.job_id,
+        allowed=(Status.RUNNING, Status.WAITING),
+        status=Status.WAITING,
+        set_fields={"next_attempt_at": settled_at, "ambiguous": True},
+    )
+    if moved.applied:
+        raise Retry(defer=(settled_at - utcnow()).total_seconds())
 
 
 async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome: Outcome) -> None:
@@ -125,6 +176,7 @@ async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome
         "next_attempt_at": next_at,
         "transient_failures": failures,
         "attempts": record.attempts,
+        "ambiguous": outcome.ambiguous,
     }
     if outcome.orchestration:
         fields["orchestration"] = outcome.orchestration
@@ -232,7 +284,10 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "handle_signals": True,
     }
     options.update(overrides)
-    return Worker(**options)
+    worker = Worker(**options)
+    # arq derives this from the longest job timeout; the lease (see _lease) replaces it.
+    worker.in_progress_timeout_s = settings.worker_lease_s
+    return worker
 
 
 def run_worker(settings: Settings) -> None:

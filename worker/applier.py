@@ -24,6 +24,11 @@ from worker.store import RateLimiter
 log = logging.getLogger(__name__)
 
 _TRANSIENT_HTTP = frozenset({408, 429})
+# Answers after which the change may still have been written (by the server behind a
+# gateway, or before an internal error): the next try must look at the history first.
+_AMBIGUOUS_HTTP = frozenset({500, 502, 504})
+# Transport errors raised before the request was sent: nothing can have been written.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _INVALID_HTTP = frozenset({400, 409, 422})
 _AUTH_HTTP = frozenset({401, 403})
 
@@ -41,6 +46,8 @@ class Outcome:
     # Whether this try reached Prefect at all (what `attempts` counts); the shared
     # rate limit can send a job back before it does.
     called: bool = True
+    # The change may have been written although no answer said so.
+    ambiguous: bool = False
 
 
 class RateLimited(Exception):
@@ -108,16 +115,17 @@ def classify_error(exc: Exception) -> Outcome:
                 error=JobError(code=ErrorCode.TRANSIENT, message=detail),
                 delay_s=parse_retry_after(exc.response.headers.get("Retry-After")),
                 transient=True,
+                ambiguous=code in _AMBIGUOUS_HTTP,
             )
         return Outcome(
             Status.FAILED, error=JobError(code=ErrorCode.INVALID_REQUEST, message=detail)
         )
-    # Connection refused, resets, read timeouts: Prefect may or may not have seen
-    # the call; the history check before the next try settles which.
+    # Read timeouts and dropped connections: Prefect may still write the change.
     return Outcome(
         Status.WAITING,
         error=JobError(code=ErrorCode.TRANSIENT, message=f"{type(exc).__name__}: {exc}"[:500]),
         transient=True,
+        ambiguous=not isinstance(exc, _NOT_SENT),
     )
 
 

@@ -205,6 +205,9 @@ class JobRecord(BaseModel):
     transition_id: str = ""
     attempts: int = 0
     transient_failures: int = 0
+    # When the latest try began, and whether it ended without a definite answer.
+    attempt_started_at: datetime | None = None
+    ambiguous: bool = False
     enqueued_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -217,7 +220,7 @@ class JobRecord(BaseModel):
     def _decode_json(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
-    @field_validator("force", mode="before")
+    @field_validator("force", "ambiguous", mode="before")
     @classmethod
     def _decode_bool(cls, value: Any) -> Any:
         return value in ("1", b"1", True) if isinstance(value, str | bytes) else value

@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(0.5, gt=0, description="First transient-retry backoff ceiling.")
     backoff_max_s: float = Field(60.0, gt=0, description="Largest transient-retry backoff.")
     prefect_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Prefect API call.")
+    settle_s: float = Field(
+        10.0,
+        ge=0,
+        description="After a call whose fate is unknown (timeout, dropped connection, killed "
+        "worker), how long past its timeout to wait before reading the run's history.",
+    )
+    worker_lease_s: float = Field(
+        10.0,
+        ge=3,
+        description="A killed worker's jobs run again this long after it died "
+        "(a live worker renews its lease every third of it).",
+    )
     max_message_chars: int = Field(4_000, ge=1, description="Longest accepted state `message`.")
     max_wait_s: float = Field(30.0, ge=0, description="Cap on `get_job(wait_s=...)`.")
     http_host: str = Field("127.0.0.1", description="Address `pmq serve --transport http` binds.")
@@ -63,7 +75,7 @@ class Settings(BaseSettings):
     def job_timeout_s(self) -> float:
         """arq's hard limit on one run of a job: a history read plus one set_state call.
 
-        Kept short on purpose: a killed worker's jobs are re-run only after this
-        plus 10 s (arq's in-progress key), so it bounds crash recovery time.
+        Crash recovery does not wait for it: a worker holds each job through a
+        renewed `worker_lease_s` lease instead (see worker.app).
         """
-        return 2 * self.prefect_timeout_s + 5
+        return 2 * self.prefect_timeout_s + 10

@@ -1,0 +1,289 @@
+"""Fleet guarantees with real worker processes: ordering, idempotency, crashes, batches."""
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from mcp import Client
+
+from mcp_frontend.server import build_server
+from tests.chaos_proxy import ChaosProxy, Fault
+from tests.conftest import Stack, wait_for
+from tests.fleet import make_runs, statuses, wait_all_terminal
+from tests.mcp_calls import error, ok
+from tests.prefect_runs import PrefectRuns
+
+STATES = ["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED", "SCHEDULED"]
+
+
+def plan_changes(runs: Sequence[tuple[str, str]], steps: int, seed: int) -> list[dict[str, Any]]:
+    """`steps` forced changes per run, runs interleaved at random, per-run order kept."""
+    rng = random.Random(seed)
+    queues = {
+        run_id: [
+            {
+                "run_type": run_type,
+                "run_id": run_id,
+                "state": rng.choice(STATES),
+                "message": f"{run_id}:{step}",
+                "force": True,
+            }
+            for step in range(steps)
+        ]
+        for run_type, run_id in runs
+    }
+    order = [run_id for run_id, changes in queues.items() for _ in changes]
+    rng.shuffle(order)
+    return [queues[run_id].pop(0) for run_id in order]
+
+
+async def submit_mixed(client: Client, changes: list[dict[str, Any]], seed: int) -> list[str]:
+    """Submit in order, as a random mix of single calls and batches of 2-25."""
+    rng = random.Random(seed)
+    job_ids: list[str] = []
+    index = 0
+    while index < len(changes):
+        if rng.random() < 0.5:
+            change = changes[index]
+            field = f"{change['run_type']}_run_id"
+            args = {k: v for k, v in change.items() if k not in ("run_type", "run_id")}
+            tool = f"set_{change['run_type']}_run_state"
+            job_ids.append((await ok(client, tool, **{field: change["run_id"]}, **args))["job_id"])
+            index += 1
+        else:
+            batch = changes[index : index + rng.randint(2, 25)]
+            tickets = (await ok(client, "submit_state_changes", changes=batch))["jobs"]
+            job_ids.extend(t["job_id"] for t in tickets)
+            index += len(batch)
+    return job_ids
+
+
+async def assert_histories_match(prefect: PrefectRuns, changes: Sequence[dict[str, Any]]) -> None:
+    """Each run's history after its initial state is exactly its changes, in order."""
+    expected: dict[str, list[tuple[str, str]]] = {}
+    kinds: dict[str, str] = {}
+    for change in changes:
+        expected.setdefault(change["run_id"], []).append((change["state"], change["message"]))
+        kinds[change["run_id"]] = change["run_type"]
+    limit = asyncio.Semaphore(8)
+
+    async def check(run_id: str) -> None:
+        async with limit:
+            history = await prefect.history(kinds[run_id], run_id)
+        seen = [(s["type"], s["message"]) for s in history[1:]]
+        assert seen == expected[run_id], f"run {run_id}: {seen} != {expected[run_id]}"
+
+    await asyncio.gather(*(check(run_id) for run_id in expected))
+
+
+async def test_per_run_order_holds_across_4_workers_and_20_clients(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    runs = await make_runs(prefect, 200)
+    for _ in range(4):
+        # 8 calls in flight are as many as a 2-core SQLite Prefect can take (see issue #5).
+        stack.start_worker(worker_concurrency=2)
+    owners = [runs[i::20] for i in range(20)]  # each client owns 10 runs
+    plans = [plan_changes(owned, steps=5, seed=i) for i, owned in enumerate(owners)]
+
+    async def client_session(index: int) -> list[str]:
+        async with Client(build_server(stack.settings)) as client:
+            return await submit_mixed(client, plans[index], seed=100 + index)
+
+    job_ids = [j for ids in await asyncio.gather(*map(client_session, range(20))) for j in ids]
+    assert len(job_ids) == 1000 == len(set(job_ids))
+    async with Client(build_server(stack.settings)) as client:
+        jobs = await wait_all_terminal(client, job_ids, timeout_s=240)
+    assert Counter(j["status"] for j in jobs) == {"applied": 1000}
+    await assert_histories_match(prefect, [c for plan in plans for c in plan])
+
+
+async def test_one_key_submitted_50_times_at_once_is_one_job_and_one_transition(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    stack.start_worker()
+    task_run = await prefect.task_run()
+    args = {"task_run_id": task_run, "state": "RUNNING", "idempotency_key": "fleet:once"}
+
+    async def five_calls() -> list[dict[str, Any]]:
+        async with Client(build_server(stack.settings)) as client:
+            return list(
+                await asyncio.gather(*(ok(client, "set_task_run_state", **args) for _ in range(10)))
+            )
+
+    tickets = [
+        t for group in await asyncio.gather(*(five_calls() for _ in range(5))) for t in group
+    ]
+    assert len({t["job_id"] for t in tickets}) == 1
+    assert Counter(t["deduplicated"] for t in tickets) == {True: 49, False: 1}
+    async with Client(build_server(stack.settings)) as client:
+        await wait_all_terminal(client, [tickets[0]["job_id"]], timeout_s=60)
+    assert [s["type"] for s in await prefect.history("task", task_run)] == ["PENDING", "RUNNING"]
+
+
+async def test_sigkill_of_a_worker_mid_drain_loses_and_duplicates_nothing(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    runs = await make_runs(prefect, 100, kinds=("task",))  # task runs accept repeats: the risk
+    workers = [stack.start_worker() for _ in range(3)]
+    changes = plan_changes(runs, steps=5, seed=7)
+    async with Client(build_server(stack.settings)) as client:
+        job_ids = [
+            t["job_id"] for t in (await ok(client, "submit_state_changes", changes=changes))["jobs"]
+        ]
+
+        async def finished() -> int:
+            jobs = await statuses(client, job_ids)
+            return sum(j["status"] == "applied" for j in jobs)
+
+        while await finished() < 100:
+            await ok(client, "get_job", job_id=job_ids[-1], wait_s=0.2)
+        workers[0].kill()
+        jobs = await wait_all_terminal(client, job_ids, timeout_s=180)
+    assert Counter(j["status"] for j in jobs) == {"applied": 500}
+    await assert_histories_match(prefect, changes)  # also proves no transition twice
+
+
+async def test_batch_with_one_bad_item_writes_nothing_and_a_good_one_keeps_order(
+    stack: Stack,
+) -> None:
+    rng = random.Random(3)
+    changes = [
+        {
+            "run_type": rng.choice(["task", "flow"]),
+            "run_id": f"{i:08x}-0000-4000-8000-{i:012x}",
+            "state": rng.choice(STATES),
+        }
+        for i in range(1000)
+    ]
+    bad = [*changes[:637], {**changes[637], "state": "DONE"}, *changes[638:]]
+    async with Client(build_server(stack.settings)) as client:
+        message = await error(client, "submit_state_changes", changes=bad)
+        assert "changes[637].state" in message and "nothing was queued" in message
+        assert stack.redis.dbsize() == 0
+        bad_id = [*changes[:12], {**changes[12], "run_id": "nope"}]
+        assert "changes[12].run_id" in await error(client, "submit_state_changes", changes=bad_id)
+        too_many = await error(client, "submit_state_changes", changes=changes + changes[:1])
+        assert "changes" in too_many
+        assert stack.redis.dbsize() == 0
+        tickets = (await ok(client, "submit_state_changes", changes=changes))["jobs"]
+    assert [(t["run_type"], t["run_id"], t["state"]) for t in tickets] == [
+        (c["run_type"], c["run_id"], c["state"]) for c in changes
+    ]
+    assert len({t["job_id"] for t in tickets}) == 1000
+
+
+async def test_idempotency_keys_inside_a_batch(stack: Stack) -> None:
+    run = "5b0f2f3e-8a1d-4c1e-9a51-0d4b3e1c2f70"
+    same = {"run_type": "task", "run_id": run, "state": "RUNNING", "idempotency_key": "k1"}
+    async with Client(build_server(stack.settings)) as client:
+        first = (await ok(client, "submit_state_changes", changes=[same, same]))["jobs"]
+        assert first[0]["job_id"] == first[1]["job_id"]
+        assert [t["deduplicated"] for t in first] == [False, True]
+        clash = {**same, "state": "FAILED"}
+        message = await error(client, "submit_state_changes", changes=[clash])
+        assert "changes[0].idempotency_key" in message and first[0]["job_id"] in message
+        inside = await error(
+            client,
+            "submit_state_changes",
+            changes=[{**same, "idempotency_key": "k2"}, {**clash, "idempotency_key": "k2"}],
+        )
+        assert "changes[1].idempotency_key" in inside
+    assert stack.redis.zcard("arq:queue") == 1
+
+
+async def test_full_queue_recovers_by_itself_as_it_drains(
+    services: Any, prefect: PrefectRuns
+) -> None:
+    from tests.conftest import make_stack
+
+    small = make_stack(services, max_queue_depth=5)
+    runs = await make_runs(prefect, 6, kinds=("flow",))
+    try:
+        async with Client(build_server(small.settings)) as client:
+            tickets = [
+                await ok(client, "set_flow_run_state", flow_run_id=run, state="RUNNING")
+                for _, run in runs[:5]
+            ]
+            assert "queue full" in await error(
+                client, "set_flow_run_state", flow_run_id=runs[5][1], state="RUNNING"
+            )
+            small.start_worker()
+            await wait_all_terminal(client, [t["job_id"] for t in tickets], timeout_s=60)
+            wait_for(lambda: small.redis.zcard("arq:queue") == 0, 30, "queue drained")
+            late = await ok(client, "set_flow_run_state", flow_run_id=runs[5][1], state="RUNNING")
+            assert late["status"] == "queued"
+            await wait_all_terminal(client, [late["job_id"]], timeout_s=60)
+    finally:
+        small.stop()
+
+
+async def test_cancelling_a_waiting_change_lets_the_run_go_on(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    flow_run = await prefect.flow_run("PENDING")
+    proxy.always = Fault(503)  # the first change backs off, `waiting`; the next queue behind it
+    stack.start_worker(prefect_api_url=proxy.url + "/api", max_attempts=1000)
+    async with Client(build_server(stack.settings)) as client:
+        first = await ok(
+            client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING", message="first"
+        )
+        second = await ok(
+            client, "set_flow_run_state", flow_run_id=flow_run, state="COMPLETED", message="second"
+        )
+        wait_for(lambda: proxy.faults_sent >= 2, 30, "first change retried")
+        assert (await ok(client, "get_job", job_id=first["job_id"]))["status"] == "waiting"
+        parked = await ok(client, "get_job", job_id=second["job_id"])
+        assert parked["status"] == "waiting" and parked["attempts"] == 0
+        cancelled = await ok(client, "cancel_job", job_id=first["job_id"])
+        assert cancelled["status"] == "cancelled"
+        proxy.always = None
+        done = await wait_all_terminal(client, [second["job_id"]], timeout_s=30)
+        assert done[0]["status"] == "applied"
+        assert (await ok(client, "get_job", job_id=first["job_id"]))["status"] == "cancelled"
+    history = await prefect.history("flow", flow_run)
+    assert [(s["type"], s["message"]) for s in history[1:]] == [("COMPLETED", "second")]
+
+
+async def test_long_poll_is_woken_by_the_job_finishing_not_by_polling(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    task_run = await prefect.task_run()
+    async with Client(build_server(stack.settings)) as client:
+        ticket = await ok(client, "set_task_run_state", task_run_id=task_run, state="RUNNING")
+        before = _calls(stack, "hgetall")
+        poll = asyncio.create_task(ok(client, "get_job", job_id=ticket["job_id"], wait_s=25))
+        stack.start_worker()  # takes a few seconds: a polling loop would read many times
+        job = await asyncio.wait_for(poll, 30)
+        returned = datetime.now(UTC)
+    assert job["status"] == "applied"
+    # One read before waiting, one after the wake-up, plus the worker's own reads.
+    assert _calls(stack, "hgetall") - before <= 5
+    assert (returned - datetime.fromisoformat(job["finished_at"])).total_seconds() < 2
+
+
+async def test_shared_rate_limit_holds_across_workers_and_fails_nothing(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    runs = await make_runs(prefect, 30, kinds=("flow",))
+    for _ in range(2):
+        stack.start_worker(prefect_api_url=proxy.url + "/api", prefect_max_rps=5)
+    start = len(proxy.request_times)
+    changes = [{"run_type": "flow", "run_id": run, "state": "RUNNING"} for _, run in runs]
+    async with Client(build_server(stack.settings)) as client:
+        tickets = (await ok(client, "submit_state_changes", changes=changes))["jobs"]
+        jobs = await wait_all_terminal(client, [t["job_id"] for t in tickets], timeout_s=60)
+    assert Counter(j["status"] for j in jobs) == {"applied": 30}
+    times = proxy.request_times[start:]
+    assert len(times) == 30
+    busiest = max(sum(1 for t in times if t0 <= t < t0 + 1.0) for t0 in times)
+    assert busiest <= 6, f"{busiest} Prefect calls within one second"  # 5/s, edge-inclusive
+    assert times[-1] - times[0] >= 29 / 5 - 0.5
+
+
+def _calls(stack: Stack, command: str) -> int:
+    stats = cast(dict[str, Any], stack.redis.info("commandstats"))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
