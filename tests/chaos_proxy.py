@@ -3,6 +3,7 @@
 Runs uvicorn in a thread of the test process; the test scripts the faults.
 """
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -35,6 +36,7 @@ class ChaosProxy:
         self.port = free_port()
         self.script: deque[Fault] = deque()
         self.always: Fault | None = None
+        self.latency_s = 0.0  # added before forwarding each request
         self.faults_sent = 0
         self.forwarded = 0
         self.request_times: list[float] = []  # time.monotonic() of every request
@@ -75,6 +77,8 @@ class ChaosProxy:
             if fault.retry_after_s is not None:
                 headers["Retry-After"] = f"{fault.retry_after_s:g}"
             return Response(b'{"detail":"injected fault"}', fault.status, headers=headers)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         async with httpx.AsyncClient() as client:
             upstream = await client.request(
                 request.method,

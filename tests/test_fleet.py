@@ -225,22 +225,30 @@ async def test_cancelling_a_waiting_change_lets_the_run_go_on(
     stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
 ) -> None:
     flow_run = await prefect.flow_run("PENDING")
-    proxy.always = Fault(503)  # the first change backs off, `waiting`; the next queue behind it
-    stack.start_worker(prefect_api_url=proxy.url + "/api", max_attempts=1000)
+    # The first change gets a 503 asking for 60 s: `waiting`, with the next queued behind it.
+    proxy.script.append(Fault(503, retry_after_s=60))
+    stack.start_worker(prefect_api_url=proxy.url + "/api")
     async with Client(build_server(stack.settings)) as client:
         first = await ok(
             client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING", message="first"
         )
         second = await ok(
-            client, "set_flow_run_state", flow_run_id=flow_run, state="COMPLETED", message="second"
+            client,
+            "set_flow_run_state",
+            flow_run_id=flow_run,
+            state="COMPLETED",
+            message="second",
         )
-        wait_for(lambda: proxy.faults_sent >= 2, 30, "first change retried")
-        assert (await ok(client, "get_job", job_id=first["job_id"]))["status"] == "waiting"
+        waiting = await ok(client, "get_job", job_id=first["job_id"])
+        while waiting["status"] != "waiting":
+            waiting = await ok(client, "get_job", job_id=first["job_id"], wait_s=0.1)
+        assert waiting["error"]["code"] == "transient_error"
         parked = await ok(client, "get_job", job_id=second["job_id"])
+        while parked["status"] == "queued":  # until a worker has looked at it
+            parked = await ok(client, "get_job", job_id=second["job_id"], wait_s=0.1)
         assert parked["status"] == "waiting" and parked["attempts"] == 0
         cancelled = await ok(client, "cancel_job", job_id=first["job_id"])
         assert cancelled["status"] == "cancelled"
-        proxy.always = None
         done = await wait_all_terminal(client, [second["job_id"]], timeout_s=30)
         assert done[0]["status"] == "applied"
         assert (await ok(client, "get_job", job_id=first["job_id"]))["status"] == "cancelled"

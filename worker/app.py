@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,6 +46,15 @@ _PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earl
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     """Apply one queued change to Prefect and record the outcome."""
+    try:
+        await _run(ctx, job_id)
+    except RedisError as exc:
+        # Any exception but Retry would make arq drop the job; this keeps it queued.
+        log.warning("job %s: Redis error, will try again: %s", job_id, exc)
+        raise Retry(defer=1.0) from exc
+
+
+async def _run(ctx: dict[str, Any], job_id: str) -> None:
     store: JobStore = ctx["store"]
     record = await store.load(job_id)
     if record is None:
@@ -55,16 +65,15 @@ async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     try:
         async with _lease(ctx["redis"], job_id, ctx["settings"].worker_lease_s):
             await _attempt(ctx, record)
-    except Retry:
+    except (Retry, RedisError):
         raise
     except Exception as exc:
         log.exception("job %s: unexpected error", job_id)
+        error = JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
         await _finish(
             store,
             record,
-            Outcome(
-                Status.FAILED, error=JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
-            ),
+            Outcome(Status.FAILED, error=error),
             allowed=(*PENDING_STATUSES, Status.RUNNING),
         )
 
@@ -132,7 +141,9 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     if outcome.status is not Status.WAITING:
         await _finish(store, record, outcome, allowed=(Status.RUNNING,))
         return
-    await _defer(store, settings, record, outcome)
+    # An earlier try's uncertainty stands until a history read has settled it.
+    ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
+    await _defer(store, settings, record, replace(outcome, ambiguous=ambiguous))
 
 
 async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> None:
@@ -279,6 +290,9 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "after_job_end": after_job_end,
         "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
+        # Running jobs stay at the head of arq's queue and every worker reads past
+        # them; arq's default (5 x max_jobs) stalls a fleet of several workers.
+        "queue_read_limit": max(500, 10 * settings.worker_concurrency),
         "poll_delay": settings.worker_poll_delay_s,
         "keep_result": 0,
         "handle_signals": True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -48,6 +48,8 @@ class Outcome:
     called: bool = True
     # The change may have been written although no answer said so.
     ambiguous: bool = False
+    # This try read the run's history, settling any earlier try's uncertainty.
+    history_checked: bool = False
 
 
 class RateLimited(Exception):
@@ -208,13 +210,16 @@ class PrefectApplier:
 
     async def apply(self, record: JobRecord, *, check_history: bool) -> Outcome:
         """One attempt: optionally look for an earlier write, then call set_state."""
+        checked = False
         try:
             if check_history:
                 found = await self.find_applied(record)
                 if found is not None:
-                    return Outcome(Status.APPLIED, found)
-            return classify_answer(await self.set_state(record))
+                    return Outcome(Status.APPLIED, found, history_checked=True)
+                checked = True
+            outcome = classify_answer(await self.set_state(record))
         except RateLimited as exc:
-            return Outcome(Status.WAITING, delay_s=exc.wait_s, called=False)
+            outcome = Outcome(Status.WAITING, delay_s=exc.wait_s, called=False)
         except (httpx.HTTPError, OSError) as exc:
-            return classify_error(exc)
+            outcome = classify_error(exc)
+        return replace(outcome, history_checked=checked)
