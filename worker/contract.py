@@ -172,28 +172,22 @@ class StateChange(BaseModel):
             idempotency_key=idempotency_key,
         )
 
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         """What must match for a repeated idempotency key to count as the same change."""
         return json.dumps(
             [self.run_type, self.run_id, self.state, self.state_name, self.message, self.force]
         )
 
 
-class JobRecord(BaseModel):
-    """The stored job, one Redis hash per job (`pmq:job:<id>`).
+class JobRecord(StateChange):
+    """The stored job: the accepted change plus its progress, one Redis hash per job
+    (`pmq:job:<id>`).
 
     Scalars are stored as strings, nested models as JSON, `None` as an absent field.
     """
 
     job_id: str
     status: Status
-    run_type: RunType
-    run_id: str
-    state: StateType
-    state_name: str | None = None
-    message: str | None = None
-    force: bool = False
-    idempotency_key: str | None = None
     fingerprint: str = ""
     # Per-run acceptance order, and the neighbours in that order (see worker.lua).
     seq: int = 0
@@ -231,7 +225,7 @@ class JobRecord(BaseModel):
             job_id=new_job_id(),
             status=Status.QUEUED,
             transition_id=str(uuid.uuid4()),
-            fingerprint=change.fingerprint(),
+            fingerprint=change.identity(),
             enqueued_at=enqueued_at,
             deadline_ms=int((enqueued_at.timestamp() + deadline_s) * 1000),
             **change.model_dump(),
