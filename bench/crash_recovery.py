@@ -59,12 +59,13 @@ async def one_round(
         [
             StateChange(run_type=RunType.TASK, run_id=run, state=StateType.RUNNING, message=run)
             for run in runs
-        ]
+        ],
+        "bench",
     )
     ids = [t.job_id for t in tickets]
 
     async def count(status: Status) -> int:
-        return sum(1 for j in await service.get_many(ids) if j.status is status)
+        return sum(1 for j in await service.get_many(ids, "bench") if j.status is status)
 
     while await count(Status.RUNNING) < jobs:  # the victim holds every job, mid-call
         await asyncio.sleep(0.05)
@@ -74,7 +75,7 @@ async def one_round(
     wait_until(lambda: "Starting worker" in standby.log_path.read_text(), 60, "standby")
     victim.kill()
     killed = time.monotonic()
-    while sum(1 for j in await service.get_many(ids) if j.status.is_terminal) < jobs:
+    while sum(1 for j in await service.get_many(ids, "bench") if j.status.is_terminal) < jobs:
         await asyncio.sleep(0.1)
     recovered_s = time.monotonic() - killed
     standby.stop()

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from mcp_frontend.auth import TokenConfigError, load_tokens
 from mcp_frontend.devstack import StartupError, client_config, dev_stack
-from mcp_frontend.http import UnsafeBind, build_http_app
+from mcp_frontend.http import UnsafeBind, build_http_app, check_bind
 from mcp_frontend.server import build_server
 from worker.settings import Settings
 
@@ -45,17 +46,22 @@ def serve(
     """Run the MCP frontend."""
     _logging()
     settings = Settings()
-    mcp = build_server(settings)
     if transport is Transport.stdio:
-        mcp.run("stdio")
+        build_server(settings).run("stdio")  # the local user owns stdio: no tokens
         return
     bind_host = host or settings.http_host
+    bind_port = port or settings.http_port
     try:
-        asgi = build_http_app(mcp, host=bind_host)
-    except UnsafeBind as exc:
+        tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
+        check_bind(bind_host, has_tokens=bool(tokens), allow_open=settings.allow_open)
+    except (TokenConfigError, UnsafeBind, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(asgi, host=bind_host, port=port or settings.http_port, log_level="warning")
+    public_url = settings.public_url or f"http://{bind_host}:{bind_port}"
+    mcp = build_server(settings, tokens=tokens, public_url=public_url)
+    allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+    asgi = build_http_app(mcp, host=bind_host, allowed_hosts=allowed)
+    uvicorn.run(asgi, host=bind_host, port=bind_port, log_level="warning")
 
 
 @app.command()

@@ -3,9 +3,12 @@
 import ipaddress
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 
 
 class UnsafeBind(ValueError):
@@ -21,25 +24,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_http_app(mcp: MCPServer, *, host: str) -> Starlette:
+def check_bind(host: str, *, has_tokens: bool, allow_open: bool) -> None:
+    """Refuse to serve other machines without tokens unless told to run open."""
+    if not is_loopback(host) and not has_tokens and not allow_open:
+        raise UnsafeBind(
+            f"refusing to serve on {host} without authentication: set PMQ_AUTH_TOKENS or "
+            "PMQ_AUTH_TOKENS_FILE (or PMQ_ALLOW_OPEN=true to run open anyway)"
+        )
+
+
+def build_http_app(mcp: MCPServer, *, host: str, allowed_hosts: list[str]) -> Starlette:
     """The ASGI app for `pmq serve --transport http`.
 
     Stateless: any frontend replica can answer any request, since every job
-    lives in Redis. DNS-rebinding protection stays on (the SDK's default for a
-    loopback bind).
+    lives in Redis.
     """
-    if not is_loopback(host):
-        # Bearer-token auth arrives with issue #4; until then only loopback is served.
-        raise UnsafeBind(
-            f"refusing to serve on {host}: only loopback addresses are allowed until "
-            "token authentication is configured"
-        )
-
-    app = mcp.streamable_http_app(stateless_http=True, json_response=True, host=host)
+    security = None
+    if allowed_hosts:
+        security = TransportSecuritySettings(allowed_hosts=[*allowed_hosts, *LOOPBACK_HOSTS])
+    app = mcp.streamable_http_app(
+        stateless_http=True, json_response=True, host=host, transport_security=security
+    )
     app.add_route("/healthz", healthz, methods=["GET"])
     return app
 
 
 async def healthz(_: Request) -> JSONResponse:
-    """Liveness: the process answers. Readiness checks arrive with issue #4."""
+    """Liveness: the process answers."""
     return JSONResponse({"status": "ok"})

@@ -41,41 +41,44 @@ class JobService:
         self.waiters = waiters
         self.max_wait_s = max_wait_s
 
-    async def submit(self, changes: Sequence[StateChange]) -> list[JobTicket]:
-        """Store changes and queue them, in order, in one atomic step.
+    async def submit(self, changes: Sequence[StateChange], client_id: str) -> list[JobTicket]:
+        """Store `client_id`'s changes and queue them, in order, in one atomic step.
 
         Raises QueueFull or IdempotencyConflict, having written nothing.
         """
         now = utcnow()
         records = [
-            JobRecord.new(change, enqueued_at=now, deadline_s=self.store.job_deadline_s)
+            JobRecord.new(
+                change, enqueued_at=now, deadline_s=self.store.job_deadline_s, client_id=client_id
+            )
             for change in changes
         ]
         enqueued = await self.store.enqueue_many(records)
         return [JobTicket.of(e.record, deduplicated=e.deduplicated) for e in enqueued]
 
-    async def get(self, job_id: str) -> JobStatus:
-        record = await self.store.load(job_id)
-        if record is None:
-            raise JobNotFound(job_id)
-        return JobStatus.of(record)
+    async def get(self, job_id: str, client_id: str) -> JobStatus:
+        return (await self.get_many([job_id], client_id))[0]
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[JobStatus]:
-        """All statuses in input order, read in one round trip; any unknown id fails the call."""
+    async def get_many(self, job_ids: Sequence[str], client_id: str) -> list[JobStatus]:
+        """All statuses in input order, read in one round trip.
+
+        An unknown id fails the call, and so does another client's: it answers
+        exactly like an unknown one, so ids reveal nothing across clients.
+        """
         records = await self.store.load_many(job_ids)
         statuses: list[JobStatus] = []
         for job_id, record in zip(job_ids, records, strict=True):
-            if record is None:
+            if record is None or record.client_id != client_id:
                 raise JobNotFound(job_id)
             statuses.append(JobStatus.of(record))
         return statuses
 
-    async def wait(self, job_id: str, wait_s: float) -> JobStatus:
+    async def wait(self, job_id: str, wait_s: float, client_id: str) -> JobStatus:
         """The job's status once terminal, or when `wait_s` (capped) runs out."""
         deadline = time.monotonic() + min(max(wait_s, 0.0), self.max_wait_s)
         async with self.waiters.watch(job_id) as terminal:
             while True:
-                status = await self.get(job_id)
+                status = await self.get(job_id, client_id)
                 remaining = deadline - time.monotonic()
                 if status.status.is_terminal or remaining <= 0:
                     return status
@@ -85,7 +88,8 @@ class JobService:
                     pass
                 terminal.clear()
 
-    async def cancel(self, job_id: str) -> JobStatus:
+    async def cancel(self, job_id: str, client_id: str) -> JobStatus:
+        await self.get(job_id, client_id)  # ownership first: a foreign job is unknown
         moved = await self.store.transition(
             job_id,
             allowed=PENDING_STATUSES,
@@ -95,7 +99,7 @@ class JobService:
         )
         if moved.status is None:
             raise JobNotFound(job_id)
-        status = await self.get(job_id)
+        status = await self.get(job_id, client_id)
         if not moved.applied and status.status is not Status.CANCELLED:
             raise NotCancellable(status)
         return status

@@ -10,13 +10,15 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mcp_frontend.auth import StaticTokenVerifier, current_client
 from mcp_frontend.jobs import JobNotFound, JobService, NotCancellable
 from mcp_frontend.waiters import TerminalWaiters
 from worker.contract import InvalidChange, JobStatus, JobTicket, RunType, StateChange
@@ -79,8 +81,14 @@ _CANCEL = ToolAnnotations(
 )
 
 
-def build_server(settings: Settings) -> MCPServer:
-    """The MCPServer with every tool; Redis is opened by its lifespan."""
+def build_server(
+    settings: Settings, *, tokens: dict[str, str] | None = None, public_url: str | None = None
+) -> MCPServer:
+    """The MCPServer with every tool; Redis is opened by its lifespan.
+
+    With `tokens` (HTTP only) every request needs a bearer token, and each job
+    belongs to the client whose token created it.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
@@ -111,6 +119,7 @@ def build_server(settings: Settings) -> MCPServer:
             "at once with a job id; poll get_job (wait_s long-polls) for Prefect's answer."
         ),
         lifespan=lifespan,
+        **_auth_options(tokens, public_url),
     )
 
     async def submit_one(
@@ -133,7 +142,9 @@ def build_server(settings: Settings) -> MCPServer:
             max_message_chars=settings.max_message_chars,
             run_id_field=f"{run_type.value}_run_id",
         )
-        tickets = await _guard(ctx.request_context.lifespan_context.submit([change]), batch=False)
+        tickets = await _guard(
+            ctx.request_context.lifespan_context.submit([change], current_client()), batch=False
+        )
         return tickets[0]
 
     @mcp.tool(annotations=_SUBMIT)
@@ -191,7 +202,9 @@ def build_server(settings: Settings) -> MCPServer:
             )
             for index, item in enumerate(changes)
         ]
-        tickets = await _guard(ctx.request_context.lifespan_context.submit(parsed), batch=True)
+        tickets = await _guard(
+            ctx.request_context.lifespan_context.submit(parsed, current_client()), batch=True
+        )
         return TicketList(jobs=tickets)
 
     @mcp.tool(annotations=_READ)
@@ -211,8 +224,8 @@ def build_server(settings: Settings) -> MCPServer:
         service = ctx.request_context.lifespan_context
         _check_job_id(job_id, "job_id")
         if wait_s > 0:
-            return await _guard(service.wait(job_id, wait_s))
-        return await _guard(service.get(job_id))
+            return await _guard(service.wait(job_id, wait_s, current_client()))
+        return await _guard(service.get(job_id, current_client()))
 
     @mcp.tool(annotations=_READ)
     async def get_jobs(
@@ -224,15 +237,32 @@ def build_server(settings: Settings) -> MCPServer:
         """Statuses of many jobs at once, in the order asked."""
         for index, job_id in enumerate(job_ids):
             _check_job_id(job_id, f"job_ids[{index}]")
-        return JobList(jobs=await _guard(ctx.request_context.lifespan_context.get_many(job_ids)))
+        return JobList(
+            jobs=await _guard(
+                ctx.request_context.lifespan_context.get_many(job_ids, current_client())
+            )
+        )
 
     @mcp.tool(annotations=_CANCEL)
     async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:
         """Cancel a job that has not started (queued or waiting); it will never be applied."""
         _check_job_id(job_id, "job_id")
-        return await _guard(ctx.request_context.lifespan_context.cancel(job_id))
+        return await _guard(ctx.request_context.lifespan_context.cancel(job_id, current_client()))
 
     return mcp
+
+
+def _auth_options(tokens: dict[str, str] | None, public_url: str | None) -> dict[str, Any]:
+    if not tokens:
+        return {}
+    url = (public_url or "http://127.0.0.1").rstrip("/")
+    return {
+        "token_verifier": StaticTokenVerifier(tokens),
+        # Tokens are issued out of band; the SDK still wants URLs to advertise.
+        "auth": AuthSettings(
+            issuer_url=AnyHttpUrl(url), resource_server_url=AnyHttpUrl(url + "/mcp")
+        ),
+    }
 
 
 def _parse(where: str, **kwargs: Any) -> StateChange:

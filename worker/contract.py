@@ -188,6 +188,7 @@ class JobRecord(StateChange):
 
     job_id: str
     status: Status
+    client_id: str = "local"  # who created it; only they can see or cancel it
     fingerprint: str = ""
     # Per-run acceptance order, and the neighbours in that order (see worker.lua).
     seq: int = 0
@@ -220,9 +221,12 @@ class JobRecord(StateChange):
         return value in ("1", b"1", True) if isinstance(value, str | bytes) else value
 
     @classmethod
-    def new(cls, change: StateChange, *, enqueued_at: datetime, deadline_s: float) -> JobRecord:
+    def new(
+        cls, change: StateChange, *, enqueued_at: datetime, deadline_s: float, client_id: str
+    ) -> JobRecord:
         return cls(
             job_id=new_job_id(),
+            client_id=client_id,
             status=Status.QUEUED,
             transition_id=str(uuid.uuid4()),
             fingerprint=change.identity(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -65,6 +67,26 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(30.0, ge=0, description="Cap on `get_job(wait_s=...)`.")
     http_host: str = Field("127.0.0.1", description="Address `pmq serve --transport http` binds.")
     http_port: int = Field(8000, ge=0, le=65_535, description="Port of the HTTP frontend.")
+    auth_tokens: str = Field(
+        "",
+        description="HTTP bearer tokens, `token:client_id` comma-separated (tokens of 16+ "
+        "characters). Never logged.",
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="A file of `token:client_id` lines, e.g. a Docker secret."
+    )
+    allow_open: bool = Field(
+        False, description="Serve HTTP without tokens on a non-loopback address (not advised)."
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Host headers the HTTP frontend accepts (DNS-rebinding protection), "
+        "comma-separated, `host:*` for any port; unset = loopback names only on a "
+        "loopback bind, any on others.",
+    )
+    public_url: str | None = Field(
+        None, description="The frontend's external URL, advertised to OAuth-aware clients."
+    )
     prefect_api_url: str | None = Field(
         None,
         validation_alias="PREFECT_API_URL",

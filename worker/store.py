@@ -251,7 +251,8 @@ def _item(record: JobRecord) -> dict[str, Any]:
         "id": record.job_id,
         "payload": payload.decode(),
         "run": record.run_key,
-        "idem": record.idempotency_key or "",
+        # Keys are per client: two clients may use the same key for different changes.
+        "idem": f"{record.client_id}:{record.idempotency_key}" if record.idempotency_key else "",
         "fp": record.fingerprint,
         "fields": _flatten(fields),
     }
