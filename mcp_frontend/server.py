@@ -23,7 +23,7 @@ from mcp_frontend.jobs import JobNotFound, JobService, NotCancellable
 from mcp_frontend.waiters import TerminalWaiters
 from worker.contract import InvalidChange, JobStatus, JobTicket, RunType, StateChange
 from worker.settings import Settings
-from worker.store import IdempotencyConflict, JobStore, QueueFull
+from worker.store import ClientQuota, IdempotencyConflict, JobStore, QueueFull, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,11 @@ def build_server(
             result_ttl_s=settings.result_ttl_s,
             job_deadline_s=settings.job_deadline_s,
             max_queue_depth=settings.max_queue_depth,
+            quota=ClientQuota(
+                max_pending=settings.client_max_pending,
+                max_rps=settings.client_max_rps,
+                burst=settings.client_burst,
+            ),
         )
         try:
             async with TerminalWaiters(events) as waiters:
@@ -288,6 +293,8 @@ async def _guard(call: Awaitable[T], *, batch: bool = False) -> T:
         raise ToolError(
             "queue full: too many changes are waiting; nothing was queued, retry later"
         ) from None
+    except QuotaExceeded as exc:
+        raise ToolError(f"quota exceeded: {exc}; nothing was queued") from None
     except IdempotencyConflict as exc:
         field = f"changes[{exc.index}].idempotency_key" if batch else "idempotency_key"
         raise ToolError(f"invalid {field}: {exc.detail}; nothing was queued") from None

@@ -21,6 +21,7 @@ APPLY_STATE_CHANGE = "apply_state_change"
 JOB_KEY_PREFIX = "pmq:job:"
 RUN_KEY_PREFIX = "pmq:run:"  # per run: `seq` counter and `last` job id
 IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"
+CLIENT_KEY_PREFIX = "pmq:client:"  # per client: `<id>:pending` set, `<id>:rate` cell
 RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
 TERMINAL_CHANNEL = "pmq:events:terminal"
 

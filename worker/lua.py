@@ -55,27 +55,29 @@ local function now_ms()
 end
 """
 
-# KEYS: arq queue
+# KEYS: arq queue, the client's pending set, the client's rate key
 # ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
-#       idempotency prefix, then one JSON item per change:
-#       {"id", "payload", "run", "idem", "fp", "fields": [k, v, ...]}
-# Returns {"full"} | {"conflict", index, existing id} |
-#         {"ok", {kind, id, seq}, ...} with kind "new" or "duplicate"
+#       idempotency prefix, client max pending (0 = none), client rate interval ms
+#       (0 = none), client burst ms, then one JSON item per change:
+#       {"id", "payload", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
+# Returns {"full"} | {"conflict", index, existing id} | {"pending", count} |
+#         {"rate", wait ms} | {"ok", {kind, id, seq}, ...} with kind "new" or "duplicate"
 ENQUEUE = (
     _HELPERS
     + """
-local Q = KEYS[1]
+local Q, PENDING, RATE = KEYS[1], KEYS[2], KEYS[3]
 local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
 local P, J, R, I = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local max_pending, interval, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local items, fresh = {}, 0
-for i = 7, #ARGV do
+for i = 10, #ARGV do
   local item = cjson.decode(ARGV[i])
   if item.idem ~= "" then
     local existing = redis.call("GET", I .. item.idem)
     if existing then
       local fp = redis.call("HGET", P .. existing, "fingerprint")
       if fp then
-        if fp ~= item.fp then return {"conflict", i - 7, existing} end
+        if fp ~= item.fp then return {"conflict", i - 10, existing} end
         item.existing = existing
       end
     end
@@ -85,6 +87,18 @@ for i = 7, #ARGV do
 end
 if fresh > 0 and redis.call("ZCARD", Q) + fresh > max_depth then return {"full"} end
 local now = now_ms()
+if fresh > 0 and max_pending > 0 then
+  redis.call("ZREMRANGEBYSCORE", PENDING, "-inf", now)  -- past their deadline: not pending
+  local count = redis.call("ZCARD", PENDING)
+  if count + fresh > max_pending then return {"pending", count} end
+end
+if fresh > 0 and interval > 0 then
+  local tat = tonumber(redis.call("GET", RATE) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + fresh * interval
+  if new_tat - burst > now then return {"rate", new_tat - burst - now} end
+  redis.call("SET", RATE, new_tat, "PX", new_tat - now + 1000)
+end
 local out = {"ok"}
 for _, item in ipairs(items) do
   if item.existing then
@@ -107,6 +121,10 @@ for _, item in ipairs(items) do
     redis.call("SET", J .. item.id, item.payload, "PX", ttl)
     redis.call("ZADD", Q, now, item.id)
     if item.idem ~= "" then redis.call("SET", I .. item.idem, item.id, "PX", ttl) end
+    if max_pending > 0 then
+      redis.call("ZADD", PENDING, item.deadline, item.id)
+      redis.call("PEXPIRE", PENDING, ttl)
+    end
     out[#out + 1] = {"new", item.id, seq}
   end
 end
@@ -157,31 +175,33 @@ return 1
 )
 
 # KEYS: record, arq queue
-# ARGV: record prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
+# ARGV: record prefix, client prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
 #       channel to publish the job id on ("" = none), job id, number of fields to
 #       delete, those fields, then field/value pairs to set (status included).
 # Returns {1, status} when applied, {0, current status or ""} when not.
 TRANSITION = (
     _HELPERS
     + """
-local rec, P = KEYS[1], ARGV[1]
+local rec, P, C = KEYS[1], ARGV[1], ARGV[2]
 local current = redis.call("HGET", rec, "status")
 if not current then return {0, ""} end
 local allowed = false
-for s in string.gmatch(ARGV[2], "%S+") do
+for s in string.gmatch(ARGV[3], "%S+") do
   if s == current then allowed = true end
 end
 if not allowed then return {0, current} end
-local ndel = tonumber(ARGV[6])
-if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 7, 6 + ndel)) end
-local first = 7 + ndel
+local ndel = tonumber(ARGV[7])
+if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 8, 7 + ndel)) end
+local first = 8 + ndel
 if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
 local status = redis.call("HGET", rec, "status")
 if is_terminal(status) then
   wake_successor(P, KEYS[2], rec, now_ms())
+  local client = redis.call("HGET", rec, "client_id")
+  if client then redis.call("ZREM", C .. client .. ":pending", ARGV[6]) end
 end
-if tonumber(ARGV[3]) > 0 then redis.call("PEXPIRE", rec, ARGV[3]) end
-if ARGV[4] ~= "" then redis.call("PUBLISH", ARGV[4], ARGV[5]) end
+if tonumber(ARGV[4]) > 0 then redis.call("PEXPIRE", rec, ARGV[4]) end
+if ARGV[5] ~= "" then redis.call("PUBLISH", ARGV[5], ARGV[6]) end
 return {1, status}
 """
 )

@@ -32,6 +32,15 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         100_000, gt=0, description="Enqueue answers 'queue full' at this many jobs in the queue."
     )
+    client_max_pending: int | None = Field(
+        None, ge=1, description="Most unfinished jobs one client may have; unset = no limit."
+    )
+    client_max_rps: float | None = Field(
+        None, gt=0, description="Changes per second one client may enqueue; unset = no limit."
+    )
+    client_burst: int = Field(
+        1_000, ge=1, description="Changes a client may enqueue at once above its rate."
+    )
     max_batch_size: int = Field(
         1_000, ge=1, description="Most changes one `submit_state_changes` call may carry."
     )

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from worker import lua
 from worker.contract import (
     APPLY_STATE_CHANGE,
+    CLIENT_KEY_PREFIX,
     IDEMPOTENCY_KEY_PREFIX,
     JOB_KEY_PREFIX,
     RATE_LIMIT_KEY,
@@ -55,6 +56,23 @@ class Enqueued:
     deduplicated: bool
 
 
+class QuotaExceeded(Exception):
+    """A client went past its pending-jobs or enqueue-rate quota; nothing was written."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class ClientQuota:
+    """Per-client limits; None means unlimited."""
+
+    max_pending: int | None = None
+    max_rps: float | None = None
+    burst: int = 1_000
+
+
 @dataclass(frozen=True)
 class Transition:
     applied: bool
@@ -78,6 +96,7 @@ class JobStore:
         job_deadline_s: float,
         max_queue_depth: int,
         gate_grace_s: float = 0.0,
+        quota: ClientQuota = ClientQuota(),
         queue_name: str = default_queue_name,
     ) -> None:
         self.redis = redis
@@ -85,6 +104,7 @@ class JobStore:
         self.job_deadline_s = job_deadline_s
         self.max_queue_depth = max_queue_depth
         self.gate_grace_ms = int(gate_grace_s * 1000)
+        self.quota = quota
         self.queue_name = queue_name
         self._enqueue = redis.register_script(lua.ENQUEUE)
         self._claim = redis.register_script(lua.CLAIM)
@@ -104,11 +124,25 @@ class JobStore:
 
         All or nothing: a full queue or an idempotency conflict writes nothing.
         """
+        if not records:
+            return []
+        client = records[0].client_id
+        quota = self.quota
+        if quota.max_rps and len(records) > quota.burst:
+            raise QuotaExceeded(
+                f"a batch of {len(records)} changes is more than client {client}'s burst of "
+                f"{quota.burst} (PMQ_CLIENT_BURST); split it"
+            )
         unique, positions = _dedupe_keys(records)
         origin = [index for index, (_, first) in enumerate(positions) if first]
         items = [json.dumps(_item(record)) for record in unique]
+        interval_ms = round(1000 / quota.max_rps) if quota.max_rps else 0
         reply = await self._enqueue(
-            keys=[self.queue_name],
+            keys=[
+                self.queue_name,
+                f"{CLIENT_KEY_PREFIX}{client}:pending",
+                f"{CLIENT_KEY_PREFIX}{client}:rate",
+            ],
             args=[
                 self.max_queue_depth,
                 self.pending_ttl_ms,
@@ -116,12 +150,27 @@ class JobStore:
                 job_key_prefix,
                 RUN_KEY_PREFIX,
                 IDEMPOTENCY_KEY_PREFIX,
+                quota.max_pending or 0,
+                interval_ms,
+                interval_ms * quota.burst,
                 *items,
             ],
         )
         outcome = _text(reply[0])
         if outcome == "full":
             raise QueueFull
+        if outcome == "pending":
+            raise QuotaExceeded(
+                f"client {client} has {int(reply[1])} pending changes, its limit is "
+                f"{quota.max_pending} (PMQ_CLIENT_MAX_PENDING); retry when some finish"
+            )
+        if outcome == "rate":
+            wait_s = int(reply[1]) / 1000
+            raise QuotaExceeded(
+                f"client {client} may enqueue {quota.max_rps:g} changes/s "
+                f"(PMQ_CLIENT_MAX_RPS); retry in {wait_s:.1f} s",
+                retry_after_s=wait_s,
+            )
         if outcome == "conflict":
             raise IdempotencyConflict(
                 origin[int(reply[1])],
@@ -213,6 +262,7 @@ class JobStore:
             keys=[job_key(job_id), self.queue_name],
             args=[
                 JOB_KEY_PREFIX,
+                CLIENT_KEY_PREFIX,
                 " ".join(s.value for s in allowed),
                 self.result_ttl_s * 1000 if terminal else 0,
                 TERMINAL_CHANNEL if terminal else "",
@@ -254,6 +304,7 @@ def _item(record: JobRecord) -> dict[str, Any]:
         # Keys are per client: two clients may use the same key for different changes.
         "idem": f"{record.client_id}:{record.idempotency_key}" if record.idempotency_key else "",
         "fp": record.fingerprint,
+        "deadline": record.deadline_ms,
         "fields": _flatten(fields),
     }
 
