@@ -60,7 +60,7 @@ def serve(
     public_url = settings.public_url or f"http://{bind_host}:{bind_port}"
     mcp = build_server(settings, tokens=tokens, public_url=public_url)
     allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
-    asgi = build_http_app(mcp, host=bind_host, allowed_hosts=allowed)
+    asgi = build_http_app(mcp, settings, host=bind_host, allowed_hosts=allowed)
     uvicorn.run(asgi, host=bind_host, port=bind_port, log_level="warning")
 
 

@@ -4,9 +4,13 @@ import ipaddress
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from mcp_frontend.health import FleetProbe
+from worker.settings import Settings
 
 LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 
@@ -33,11 +37,13 @@ def check_bind(host: str, *, has_tokens: bool, allow_open: bool) -> None:
         )
 
 
-def build_http_app(mcp: MCPServer, *, host: str, allowed_hosts: list[str]) -> Starlette:
+def build_http_app(
+    mcp: MCPServer, settings: Settings, *, host: str, allowed_hosts: list[str]
+) -> Starlette:
     """The ASGI app for `pmq serve --transport http`.
 
     Stateless: any frontend replica can answer any request, since every job
-    lives in Redis.
+    lives in Redis. /healthz, /readyz and /metrics need no token.
     """
     security = None
     if allowed_hosts:
@@ -45,7 +51,15 @@ def build_http_app(mcp: MCPServer, *, host: str, allowed_hosts: list[str]) -> St
     app = mcp.streamable_http_app(
         stateless_http=True, json_response=True, host=host, transport_security=security
     )
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    probe = FleetProbe(redis, worker_max_age_s=3 * settings.heartbeat_s)
     app.add_route("/healthz", healthz, methods=["GET"])
+    app.add_route("/readyz", probe.readyz, methods=["GET"])
+    app.add_route("/metrics", probe.metrics, methods=["GET"])
     return app
 
 

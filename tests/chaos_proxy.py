@@ -29,6 +29,7 @@ class ChaosProxy:
     """Forwards to `upstream`; answers the next scripted faults instead, in order.
 
     `always` (when set) is answered to every request once the script is used up.
+    Requests for /health are forwarded and not counted.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -71,7 +72,9 @@ class ChaosProxy:
             return fault
 
     async def _handle(self, request: Request) -> Response:
-        fault = self._next_fault()
+        # Workers' health probes pass untouched and uncounted: faults are for the jobs.
+        probe = request.path_params["path"].endswith("/health")
+        fault = None if probe else self._next_fault()
         if fault is not None:
             headers = {}
             if fault.retry_after_s is not None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -19,12 +22,14 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from prefect.client.orchestration import get_client
+from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from worker.applier import Outcome, PrefectApplier
 from worker.contract import (
     APPLY_STATE_CHANGE,
     PENDING_STATUSES,
+    WORKER_KEY_PREFIX,
     ErrorCode,
     JobError,
     JobRecord,
@@ -33,6 +38,7 @@ from worker.contract import (
     json_serializer,
     utcnow,
 )
+from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
 from worker.policy import backoff_s
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter
@@ -224,6 +230,10 @@ async def _finish(
     await store.transition(
         record.job_id, allowed=allowed, status=outcome.status, set_fields=fields, clear_fields=clear
     )
+    JOBS_FINISHED.labels(outcome.status.value).inc()
+    JOB_LATENCY_SECONDS.labels(outcome.status.value).observe(
+        (fields["finished_at"] - record.enqueued_at).total_seconds()
+    )
     level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
     log.log(
         level,
@@ -264,8 +274,54 @@ async def startup(ctx: dict[str, Any]) -> None:
         gate_grace_s=settings.job_timeout_s,
     )
 
+    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+    if settings.worker_metrics_port is not None:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+
+
+async def _heartbeat(ctx: dict[str, Any]) -> None:
+    """Say every `heartbeat_s` that this worker lives and whether Prefect answers it.
+
+    Prefect's state comes from the jobs' own calls; only an idle worker probes
+    /health, so the heartbeat adds no load to a busy Prefect.
+    """
+    settings: Settings = ctx["settings"]
+    applier: PrefectApplier = ctx["applier"]
+    redis: ArqRedis = ctx["redis"]
+    key = WORKER_KEY_PREFIX + worker_id()
+    while True:
+        stale = applier.last_answer_at is None or (
+            time.monotonic() - applier.last_answer_at > 6 * settings.heartbeat_s
+        )
+        if stale:
+            await applier.probe()
+        try:
+            await redis.hset(  # type: ignore[misc]  # redis-py types sync and async as one
+                key,
+                mapping={
+                    "seen_ms": int(time.time() * 1000),
+                    "prefect_ok": int(applier.prefect_ok),
+                    "pid": os.getpid(),
+                },
+            )
+            await redis.pexpire(key, int(3 * settings.heartbeat_s * 1000))
+        except RedisError:
+            log.warning("heartbeat not recorded: Redis unavailable")
+        await asyncio.sleep(settings.heartbeat_s)
+
+
+def worker_id() -> str:
+    """This process, as named in its heartbeat key: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "heartbeat" in ctx:
+        ctx["heartbeat"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx["heartbeat"]
+        with contextlib.suppress(RedisError):
+            await ctx["redis"].delete(WORKER_KEY_PREFIX + worker_id())
     if "prefect" in ctx:
         await ctx["prefect"].__aexit__(None, None, None)
 
@@ -305,5 +361,17 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
 
 
 def run_worker(settings: Settings) -> None:
-    """Run a worker until SIGINT/SIGTERM."""
-    build_worker(settings).run()
+    """Run a worker until SIGINT/SIGTERM, starting over if Redis goes away.
+
+    arq's poll loop ends on a Redis error; its jobs are safe (their leases
+    lapse and they run again), so the worker waits for Redis and carries on.
+    """
+    delay_s = 0.5
+    while True:
+        try:
+            build_worker(settings).run()
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("lost Redis (%s); starting over in %.1f s", exc, delay_s)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
@@ -18,6 +19,7 @@ from prefect.client.schemas.actions import StateCreate
 from prefect.client.schemas.objects import StateDetails
 
 from worker.contract import ErrorCode, JobError, JobRecord, Orchestration, RunType, Status
+from worker.metrics import PREFECT_CALL_SECONDS
 from worker.policy import parse_retry_after
 from worker.store import RateLimiter
 
@@ -142,6 +144,9 @@ class PrefectApplier:
     def __init__(self, client: PrefectClient, limiter: RateLimiter | None = None) -> None:
         self.client = client
         self.limiter = limiter
+        # What the last call told us about Prefect, for the worker's heartbeat.
+        self.prefect_ok = False
+        self.last_answer_at: float | None = None
 
     async def _throttle(self) -> None:
         """Take one call from the shared budget, waiting briefly or raising RateLimited."""
@@ -164,9 +169,32 @@ class PrefectApplier:
         await self._throttle()
         http = self.client._client
         request = http.build_request(method, path, **kwargs)
-        response = await httpx.AsyncClient.send(http, request)
+        call = "set_state" if method == "POST" else "read_history"
+        started = time.monotonic()
+        try:
+            response = await httpx.AsyncClient.send(http, request)
+        except httpx.HTTPError:
+            self.prefect_ok = False
+            PREFECT_CALL_SECONDS.labels(call, "error").observe(time.monotonic() - started)
+            raise
+        self.prefect_ok = response.status_code < 500
+        self.last_answer_at = time.monotonic()
+        PREFECT_CALL_SECONDS.labels(call, str(response.status_code)).observe(
+            self.last_answer_at - started
+        )
         response.raise_for_status()
         return response
+
+    async def probe(self) -> bool:
+        """Is Prefect answering? For the heartbeat, when no job has asked lately."""
+        http = self.client._client
+        try:
+            response = await httpx.AsyncClient.send(http, http.build_request("GET", "/health"))
+            self.prefect_ok = response.status_code == 200
+            self.last_answer_at = time.monotonic()
+        except httpx.HTTPError:
+            self.prefect_ok = False
+        return self.prefect_ok
 
     async def find_applied(self, record: JobRecord) -> Orchestration | None:
         """The state this job already wrote, if an earlier attempt reached Prefect.

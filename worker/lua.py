@@ -9,6 +9,8 @@ one job timeout (it can then never be applied). Otherwise the job is parked:
 it by moving its queue entry to now.
 """
 
+from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY
+
 # Shared helpers, prepended to the scripts that need them.
 # Record prefix in P (ARGV-supplied by each script before use).
 _HELPERS = """
@@ -53,7 +55,23 @@ local function now_ms()
   local t = redis.call("TIME")
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-"""
+
+-- Fleet-wide figures for /metrics: totals per outcome, and how many jobs are in
+-- each live status. Kept a week past the last change, like any key with a TTL.
+local function count(key, field, by)
+  redis.call("HINCRBY", key, field, by)
+  redis.call("PEXPIRE", key, 604800000)
+end
+
+local function count_total(field, by) count("STATS_TOTAL", field, by) end
+
+local function moved(from, to)
+  if from == to then return end
+  if from then count("STATS_LIVE", from, -1) end
+  if is_terminal(to) then count("STATS_TOTAL", to, 1) else count("STATS_LIVE", to, 1) end
+  if from == "running" and to == "waiting" then count("STATS_TOTAL", "retried", 1) end
+end
+""".replace("STATS_LIVE", STATS_LIVE_KEY).replace("STATS_TOTAL", STATS_TOTAL_KEY)
 
 # KEYS: arq queue, the client's pending set, the client's rate key
 # ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
@@ -125,6 +143,8 @@ for _, item in ipairs(items) do
       redis.call("ZADD", PENDING, item.deadline, item.id)
       redis.call("PEXPIRE", PENDING, ttl)
     end
+    count_total("enqueued", 1)
+    moved(false, "queued")
     out[#out + 1] = {"new", item.id, seq}
   end
 end
@@ -150,10 +170,12 @@ if not allowed then return {"skip", current} end
 local prev = blocker(P, rec, now_ms(), tonumber(ARGV[2]))
 if prev then
   redis.call("HSET", rec, "status", "waiting", "blocked_on", prev, "next_attempt_at", ARGV[4])
+  moved(current, "waiting")
   return {"blocked", prev}
 end
 redis.call("HDEL", rec, "blocked_on", "next_attempt_at")
 redis.call("HSET", rec, unpack(ARGV, 5, #ARGV))
+moved(current, "running")
 return {"claimed"}
 """
 )
@@ -195,6 +217,7 @@ if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 8, 7 + ndel)) end
 local first = 8 + ndel
 if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
 local status = redis.call("HGET", rec, "status")
+moved(current, status)
 if is_terminal(status) then
   wake_successor(P, KEYS[2], rec, now_ms())
   local client = redis.call("HGET", rec, "client_id")

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     worker_poll_delay_s: float = Field(
         0.05, gt=0, description="How often an idle worker looks for new jobs."
     )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a worker records that it is alive (for /readyz)."
+    )
+    worker_metrics_port: int | None = Field(
+        None, ge=0, le=65_535, description="Serve this worker's Prometheus metrics on this port."
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's metrics endpoint binds."
+    )
     gate_recheck_s: float = Field(
         5.0,
         gt=0,

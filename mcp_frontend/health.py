@@ -1,0 +1,116 @@
+"""/readyz and /metrics: what the fleet looks like, read from Redis at request time.
+
+Neither needs a token, so neither says anything sensitive: no URLs, no ids,
+only counts and ok/unreachable.
+"""
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from arq.constants import default_queue_name
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
+
+TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled", "retried")
+LIVE = ("queued", "running", "waiting")
+
+
+class FleetProbe:
+    """Reads worker heartbeats and the job counters the scripts keep in Redis."""
+
+    def __init__(self, redis: Redis, *, worker_max_age_s: float) -> None:
+        self.redis = redis
+        self.worker_max_age_ms = int(worker_max_age_s * 1000)
+
+    async def workers(self) -> list[dict[str, int]]:
+        """Heartbeats fresher than the max age: one per live worker process."""
+        keys = [key async for key in self.redis.scan_iter(match=WORKER_KEY_PREFIX + "*")]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, ["seen_ms", "prefect_ok"])
+            rows = await pipe.execute()
+        now_ms = time.time() * 1000
+        return [
+            {"seen_ms": int(seen), "prefect_ok": int(ok or 0)}
+            for seen, ok in rows
+            if seen is not None and now_ms - int(seen) <= self.worker_max_age_ms
+        ]
+
+    async def readyz(self, _: Request) -> JSONResponse:
+        """Ready: Redis answers, a worker is alive, and a worker reaches Prefect."""
+        try:
+            await self.redis.ping()
+            workers = await self.workers()
+        except RedisError:
+            down = {"ready": False, "redis": "unreachable", "workers": 0, "prefect": "unknown"}
+            return JSONResponse(down, status_code=503)
+        prefect = "ok" if any(w["prefect_ok"] for w in workers) else "unreachable"
+        if not workers:
+            prefect = "unknown"
+        ready = bool(workers) and prefect == "ok"
+        body: dict[str, Any] = {
+            "ready": ready,
+            "redis": "ok",
+            "workers": len(workers),
+            "prefect": prefect,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(self, _: Request) -> Response:
+        """Prometheus text: fleet totals from Redis, then this process's own metrics."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(STATS_TOTAL_KEY)
+                pipe.hgetall(STATS_LIVE_KEY)
+                pipe.zcard(default_queue_name)
+                totals, live, depth = await pipe.execute()
+            workers = await self.workers()
+        except RedisError:
+            return Response("redis unreachable\n", status_code=503)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(_decode(totals), _decode(live), int(depth), len(workers)))
+        body = generate_latest(registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+class _Snapshot:
+    """One scrape's worth of fleet figures, as Prometheus metric families."""
+
+    def __init__(
+        self, totals: dict[str, int], live: dict[str, int], depth: int, workers: int
+    ) -> None:
+        self.totals, self.live, self.depth, self.workers = totals, live, depth, workers
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = CounterMetricFamily(
+            "pmq_jobs",
+            "Jobs enqueued, and jobs ending in each outcome, fleet-wide.",
+            labels=["event"],
+        )
+        for name in TOTALS:
+            jobs.add_metric([name], self.totals.get(name, 0))
+        yield jobs
+        live = GaugeMetricFamily(
+            "pmq_jobs_live", "Jobs now queued, running or waiting.", labels=["status"]
+        )
+        for name in LIVE:
+            live.add_metric([name], max(0, self.live.get(name, 0)))
+        yield live
+        yield GaugeMetricFamily(
+            "pmq_queue_depth", "Entries in the arq queue (queued, waiting, running).", self.depth
+        )
+        yield GaugeMetricFamily(
+            "pmq_workers_alive", "Worker processes with a fresh heartbeat.", self.workers
+        )
+
+
+def _decode(data: dict[bytes, bytes]) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in data.items()}
