@@ -1,18 +1,23 @@
 """`pmq`: serve the MCP frontend, run a worker, or run the whole stack locally."""
 
+import asyncio
 import enum
-import logging
-import sys
+import socket
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 import uvicorn
+from redis.exceptions import RedisError
 
 from mcp_frontend.auth import TokenConfigError, load_tokens
 from mcp_frontend.devstack import StartupError, client_config, dev_stack
+from mcp_frontend.health import FleetProbe
 from mcp_frontend.http import UnsafeBind, build_http_app, check_bind
+from mcp_frontend.logs import configure_logging
 from mcp_frontend.server import build_server
+from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 
 app = typer.Typer(
@@ -21,17 +26,20 @@ app = typer.Typer(
 )
 
 
+health = typer.Typer(help="Health checks for container orchestrators: exit 0 when healthy.")
+app.add_typer(health, name="health")
+
+
 class Transport(enum.StrEnum):
     stdio = "stdio"
     http = "http"
 
 
-def _logging() -> None:
-    # stderr only: stdout carries the MCP stdio protocol.
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+def _logging(settings: Settings, tokens: dict[str, str] | None = None) -> None:
+    configure_logging(
+        json_lines=settings.log_format == "json",
+        level=settings.log_level,
+        secrets=[*settings.secrets(), *(tokens or {})],
     )
 
 
@@ -44,9 +52,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="HTTP port [PMQ_HTTP_PORT].")] = None,
 ) -> None:
     """Run the MCP frontend."""
-    _logging()
     settings = Settings()
     if transport is Transport.stdio:
+        _logging(settings)
         build_server(settings).run("stdio")  # the local user owns stdio: no tokens
         return
     bind_host = host or settings.http_host
@@ -57,20 +65,23 @@ def serve(
     except (TokenConfigError, UnsafeBind, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _logging(settings, tokens)
     public_url = settings.public_url or f"http://{bind_host}:{bind_port}"
     mcp = build_server(settings, tokens=tokens, public_url=public_url)
     allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
     asgi = build_http_app(mcp, settings, host=bind_host, allowed_hosts=allowed)
-    uvicorn.run(asgi, host=bind_host, port=bind_port, log_level="warning")
+    # log_config=None: uvicorn keeps our handler (JSON, secrets scrubbed).
+    uvicorn.run(asgi, host=bind_host, port=bind_port, log_config=None, access_log=False)
 
 
 @app.command()
 def worker() -> None:
     """Run an arq worker that applies queued changes to Prefect."""
-    _logging()
-    from worker.app import run_worker
+    from worker.app import run_worker  # Prefect is imported only by the commands that need it
 
-    run_worker(Settings())
+    settings = Settings()
+    _logging(settings)  # after importing Prefect, which sets up logging of its own
+    run_worker(settings)
 
 
 @app.command()
@@ -117,3 +128,31 @@ def signal_wait() -> None:
     signal.signal(signal.SIGTERM, stop)
     while True:
         signal.pause()
+
+
+@health.command("worker")
+def health_worker() -> None:
+    """Healthy when a worker on this host has a fresh heartbeat in Redis."""
+    settings = Settings()
+
+    async def fresh() -> bool:
+        redis = redis_client(settings)
+        try:
+            probe = FleetProbe(redis, worker_max_age_s=3 * settings.heartbeat_s)
+            return bool(await probe.workers(socket.gethostname()))
+        except RedisError:
+            return False
+        finally:
+            await close_redis(redis)
+
+    raise typer.Exit(0 if asyncio.run(fresh()) else 1)
+
+
+@health.command("http")
+def health_http(url: Annotated[str, typer.Option(help="URL that must answer 200.")]) -> None:
+    """Healthy when URL answers 200 (e.g. the frontend's /readyz)."""
+    try:
+        ok = httpx.get(url, timeout=3).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    raise typer.Exit(0 if ok else 1)

@@ -30,9 +30,10 @@ class FleetProbe:
         self.redis = redis
         self.worker_max_age_ms = int(worker_max_age_s * 1000)
 
-    async def workers(self) -> list[dict[str, int]]:
-        """Heartbeats fresher than the max age: one per live worker process."""
-        keys = [key async for key in self.redis.scan_iter(match=WORKER_KEY_PREFIX + "*")]
+    async def workers(self, host: str | None = None) -> list[dict[str, int]]:
+        """Heartbeats fresher than the max age: one per live worker process (on `host`)."""
+        pattern = WORKER_KEY_PREFIX + (f"{host}-*" if host else "*")
+        keys = [key async for key in self.redis.scan_iter(match=pattern)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hmget(key, ["seen_ms", "prefect_ok"])

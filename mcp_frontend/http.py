@@ -4,12 +4,12 @@ import ipaddress
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mcp_frontend.health import FleetProbe
+from worker.redis_conn import redis_client
 from worker.settings import Settings
 
 LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
@@ -51,12 +51,7 @@ def build_http_app(
     app = mcp.streamable_http_app(
         stateless_http=True, json_response=True, host=host, transport_security=security
     )
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
-    probe = FleetProbe(redis, worker_max_age_s=3 * settings.heartbeat_s)
+    probe = FleetProbe(redis_client(settings), worker_max_age_s=3 * settings.heartbeat_s)
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", probe.readyz, methods=["GET"])
     app.add_route("/metrics", probe.metrics, methods=["GET"])

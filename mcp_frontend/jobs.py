@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ from worker.contract import (
     utcnow,
 )
 from worker.store import JobStore
+
+log = logging.getLogger(__name__)
 
 
 class JobNotFound(LookupError):
@@ -54,6 +57,18 @@ class JobService:
             for change in changes
         ]
         enqueued = await self.store.enqueue_many(records)
+        for entry in enqueued:
+            log.info(
+                "change accepted",
+                extra={
+                    "job_id": entry.record.job_id,
+                    "run_type": entry.record.run_type.value,
+                    "run_id": entry.record.run_id,
+                    "client_id": client_id,
+                    "state": entry.record.state.value,
+                    "deduplicated": entry.deduplicated,
+                },
+            )
         return [JobTicket.of(e.record, deduplicated=e.deduplicated) for e in enqueued]
 
     async def get(self, job_id: str, client_id: str) -> JobStatus:

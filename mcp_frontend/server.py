@@ -10,18 +10,19 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import AnyHttpUrl, BaseModel, Field
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mcp_frontend.auth import StaticTokenVerifier, current_client
 from mcp_frontend.jobs import JobNotFound, JobService, NotCancellable
 from mcp_frontend.waiters import TerminalWaiters
 from worker.contract import InvalidChange, JobStatus, JobTicket, RunType, StateChange
+from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 from worker.store import ClientQuota, IdempotencyConflict, JobStore, QueueFull, QuotaExceeded
 
@@ -92,13 +93,9 @@ def build_server(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-        )
+        redis = redis_client(settings)
         # The subscription idles for long stretches, so it gets no read timeout.
-        events = Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+        events = redis_client(settings, read_timeout=False)
         store = JobStore(
             redis,
             result_ttl_s=settings.result_ttl_s,
@@ -110,12 +107,15 @@ def build_server(
                 burst=settings.client_burst,
             ),
         )
+        waiters = TerminalWaiters(events)
         try:
-            async with TerminalWaiters(events) as waiters:
-                yield JobService(store, waiters, max_wait_s=settings.max_wait_s)
+            yield JobService(store, waiters, max_wait_s=settings.max_wait_s)
         finally:
-            await redis.aclose()
-            await events.aclose()
+            # Shielded: a server shut down by cancellation must still close its sockets.
+            with anyio.CancelScope(shield=True):
+                await waiters.aclose()
+                await close_redis(redis)
+                await close_redis(events)
 
     mcp = MCPServer(
         "prefect-mcp-queue",
@@ -264,8 +264,11 @@ def _auth_options(tokens: dict[str, str] | None, public_url: str | None) -> dict
     return {
         "token_verifier": StaticTokenVerifier(tokens),
         # Tokens are issued out of band; the SDK still wants URLs to advertise.
+        # Static tokens carry no audience: the verifier itself decides what is ours.
         "auth": AuthSettings(
-            issuer_url=AnyHttpUrl(url), resource_server_url=AnyHttpUrl(url + "/mcp")
+            issuer_url=AnyHttpUrl(url),
+            resource_server_url=AnyHttpUrl(url + "/mcp"),
+            validate_token_resource=False,
         ),
     }
 

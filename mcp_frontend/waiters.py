@@ -29,10 +29,8 @@ class TerminalWaiters:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
-    async def __aenter__(self) -> TerminalWaiters:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
+    async def aclose(self) -> None:
+        """Stop listening; the subscription's connection is closed with it."""
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,6 +5,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,9 @@ class Stack:
     prefect_api_url: str
     workers: list[Service] = field(default_factory=list)
 
-    @property
+    @cached_property
     def redis(self) -> redis.Redis:
+        """The test's own client for assertions; closed by stop()."""
         return redis.Redis.from_url(self.settings.redis_url)
 
     def env(self, **overrides: Any) -> dict[str, str]:
@@ -81,29 +83,39 @@ class Stack:
         env["PREFECT_HOME"] = str(self.services.tmp / "client-home")
         return env
 
-    def start_worker(self, *, prefect_api_url: str | None = None, **overrides: Any) -> Service:
+    def start_worker(
+        self,
+        *,
+        prefect_api_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Service:
         """A `pmq worker` subprocess; returns once it polls the queue."""
-        env = self.env(**overrides)
+        env = {**self.env(**overrides), **(extra_env or {})}
         if prefect_api_url:
             env["PREFECT_API_URL"] = prefect_api_url
         name = f"worker-{self.db}-{len(self.workers)}"
         worker = pmq_service(
             name, ["worker"], env=env, log_path=self.services.tmp / "logs" / f"{name}.log"
         )
-        client = self.redis
-        client.delete("arq:queue:health-check")
+        self.redis.delete("arq:queue:health-check")
         worker.start()
         self.workers.append(worker)
-        worker.wait_ready(lambda: bool(client.exists("arq:queue:health-check")), 60)
-        client.close()
+        worker.wait_ready(lambda: bool(self.redis.exists("arq:queue:health-check")), 60)
         return worker
 
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
+        if "redis" in self.__dict__:
+            self.__dict__.pop("redis").close()
+
+    def flush(self) -> None:
+        with redis.Redis.from_url(self.settings.redis_url) as client:
+            client.flushdb()
 
     def keys_without_ttl(self) -> list[str]:
-        client = self.redis
+        client = redis.Redis.from_url(self.settings.redis_url)
         try:
             return [
                 key.decode()
@@ -118,10 +130,9 @@ def make_stack(services: Services, **overrides: Any) -> Stack:
     db = next(_databases)
     assert db < REDIS_DATABASES, "more stacks than Redis databases"
     settings = Settings(redis_url=services.redis.url(db), **{**TEST_SETTINGS, **overrides})
-    client = redis.Redis.from_url(settings.redis_url)
-    client.flushdb()
-    client.close()
-    return Stack(services, db, settings, services.prefect.api_url)
+    stack = Stack(services, db, settings, services.prefect.api_url)
+    stack.flush()
+    return stack
 
 
 @pytest.fixture

@@ -219,6 +219,7 @@ async def test_full_queue_recovers_by_itself_as_it_drains(
             await wait_all_terminal(client, [late["job_id"]], timeout_s=60)
     finally:
         small.stop()
+    assert small.keys_without_ttl() == []
 
 
 async def test_cancelling_a_waiting_change_lets_the_run_go_on(

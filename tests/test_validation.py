@@ -131,7 +131,8 @@ async def test_full_queue_refuses_and_writes_nothing(services: Any) -> None:
     assert "queue full" in message and "retry later" in message
     assert small.redis.dbsize() == keys_before
     assert small.redis.zcard("arq:queue") == 2
-    small.redis.flushdb()
+    small.stop()
+    small.flush()
 
 
 async def test_unreachable_redis_is_a_prompt_tool_error(stack: Stack) -> None:

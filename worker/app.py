@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from prefect.client.orchestration import get_client
@@ -40,6 +40,7 @@ from worker.contract import (
 )
 from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
 from worker.policy import backoff_s
+from worker.redis_conn import arq_redis_settings
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter
 
@@ -237,13 +238,20 @@ async def _finish(
     level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
     log.log(
         level,
-        "job %s %s: %s run %s -> %s: %s",
-        record.job_id,
+        "job %s",
         outcome.status.value,
-        record.run_type.value,
-        record.run_id,
-        record.state.value,
-        outcome.error or outcome.orchestration,
+        extra={
+            "job_id": record.job_id,
+            "run_type": record.run_type.value,
+            "run_id": record.run_id,
+            "client_id": record.client_id,
+            "state": record.state.value,
+            "status": outcome.status.value,
+            "attempts": record.attempts,
+            "error_code": outcome.error.code.value if outcome.error else None,
+            "reason": (outcome.error.message if outcome.error else None)
+            or (outcome.orchestration.reason if outcome.orchestration else None),
+        },
     )
 
 
@@ -338,7 +346,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
                 keep_result=0,
             )
         ],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings),
         "job_serializer": json_serializer,
         "job_deserializer": json_deserializer,
         "on_startup": startup,

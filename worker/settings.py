@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,9 +18,16 @@ class Settings(BaseSettings):
     Prefect's client, not here.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PMQ_", extra="ignore")
+    # Empty means unset: compose files pass `VAR=` for options left alone.
+    model_config = SettingsConfigDict(env_prefix="PMQ_", extra="ignore", env_ignore_empty=True)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding jobs and queue.")
+    redis_sentinels: str = Field(
+        "", description="Redis Sentinel addresses, `host:port` comma-separated; unset = none."
+    )
+    redis_sentinel_master: str = Field(
+        "mymaster", description="The master's name the sentinels know."
+    )
     redis_timeout_s: float = Field(
         5.0, gt=0, description="Redis connect/read timeout: tool calls fail rather than hang."
     )
@@ -105,11 +114,35 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="The frontend's external URL, advertised to OAuth-aware clients."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per line; `text` for reading by eye."
+    )
+    log_level: str = Field("INFO", description="Lowest level logged.")
+    prefect_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="PREFECT_API_KEY",
+        description="Prefect's own variable; read here only to keep it out of the logs.",
+    )
+    prefect_api_auth_string: SecretStr | None = Field(
+        None,
+        validation_alias="PREFECT_API_AUTH_STRING",
+        description="Prefect's own variable; read here only to keep it out of the logs.",
+    )
     prefect_api_url: str | None = Field(
         None,
         validation_alias="PREFECT_API_URL",
         description="Prefect's own variable; `pmq dev` starts a local server when unset.",
     )
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line (tokens are added by the frontend)."""
+        found = [
+            s.get_secret_value() for s in (self.prefect_api_key, self.prefect_api_auth_string) if s
+        ]
+        password = urlsplit(self.redis_url).password
+        if password:
+            found.append(password)
+        return found
 
     @property
     def job_timeout_s(self) -> float:

@@ -1,0 +1,19 @@
+# The image for both `pmq worker` and `pmq serve`: slim Python, non-root, no build tools.
+FROM python:3.12.8-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin pmq
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY worker ./worker
+COPY mcp_frontend ./mcp_frontend
+RUN pip install . && rm -rf /root/.cache
+
+USER pmq
+EXPOSE 8000 9100
+ENTRYPOINT ["pmq"]
+CMD ["serve", "--transport", "http", "--host", "0.0.0.0", "--port", "8000"]

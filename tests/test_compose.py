@@ -1,0 +1,151 @@
+"""compose.yaml: checked by a real Compose parser, and its services run here without Docker.
+
+No Docker engine runs on our machines. So the file goes through
+`docker-compose config` (Debian's docker-compose), and the project's own
+services are started as processes with exactly the command and environment
+that the file gives them, service hostnames mapped to this machine.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import prefect
+import pytest
+import typer
+import yaml  # type: ignore[import-untyped]
+
+from mcp_frontend.cli import app as pmq_app
+from mcp_frontend.devstack import BIN_DIR, free_port, pmq_service, wait_until
+from tests.conftest import Services, Stack
+from tests.mcp_calls import ok, wait_terminal
+from tests.prefect_runs import PrefectRuns
+from tests.test_auth import ALICE, as_client
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = ("worker", "mcp-frontend")
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The file as the parser normalises it (variables resolved with their defaults)."""
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose not installed (make test installs it where it can)")
+    tokens = tmp_path_factory.mktemp("secrets") / "pmq_tokens"
+    tokens.write_text(f"{ALICE}:alice\n")
+    done = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config"],
+        env={"PATH": "/usr/bin:/bin", "PMQ_TOKENS_FILE": str(tokens)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+def setting_names() -> set[str]:
+    return {
+        str(field.validation_alias or f"PMQ_{name.upper()}")
+        for name, field in Settings.model_fields.items()
+    }
+
+
+def test_the_stack_is_what_an_operator_expects(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"redis", "postgres", "prefect-server", *OURS}
+    assert services["prefect-server"]["image"].startswith(
+        f"prefecthq/prefect:{prefect.__version__}-"
+    )
+    assert (
+        "postgresql+asyncpg://"
+        in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    )
+    assert "--appendonly" in services["redis"]["command"]
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        for dependency in service.get("depends_on", {}).values():
+            assert dependency["condition"] == "service_healthy"
+    assert services["mcp-frontend"]["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert "ports" not in services["worker"]  # scalable: nothing to collide
+    assert services["mcp-frontend"]["secrets"][0]["source"] == "pmq_tokens"
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_commands_are_real_entry_points_and_variables_real_settings(
+    compose: dict[str, Any], name: str
+) -> None:
+    service = compose["services"][name]
+    cli = typer.main.get_group(pmq_app)
+    assert service["command"][0] in cli.commands
+    check = service["healthcheck"]["test"]
+    assert check[1] == "pmq" and check[2] in cli.commands
+    if check[2] == "health":
+        assert check[3] in cli.commands["health"].commands  # type: ignore[attr-defined]
+    unknown = {k for k in service["environment"] if k.startswith("PMQ_")} - setting_names()
+    assert not unknown, f"{name} sets variables that are no setting: {unknown}"
+
+
+async def test_services_run_with_their_compose_command_and_serve_a_call(
+    compose: dict[str, Any],
+    services: Services,
+    stack: Stack,
+    prefect: PrefectRuns,
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "pmq_tokens"
+    tokens.write_text(f"{ALICE}:alice\n")
+    prefect_host = services.prefect.api_url.removeprefix("http://").removesuffix("/api")
+    hosts = {
+        "redis://redis:6379/0": stack.settings.redis_url,
+        "http://prefect-server:4200": f"http://{prefect_host}",
+        "/run/secrets/pmq_tokens": str(tokens),
+    }
+    port = free_port()
+    started = {}
+    for name in OURS:
+        service = compose["services"][name]
+        env = {k: _mapped(v, hosts) for k, v in service["environment"].items() if v is not None}
+        env |= {
+            "PATH": str(BIN_DIR) + ":/usr/bin:/bin",
+            "PMQ_HEARTBEAT_S": "1",
+            "PREFECT_HOME": str(tmp_path / name),
+        }
+        if name == "worker":
+            env["PMQ_WORKER_METRICS_PORT"] = str(free_port())
+        argv = [str(port) if a == "8000" else a for a in service["command"]]
+        process = pmq_service(name, argv, env=env, log_path=tmp_path / f"{name}.log")
+        process.start()
+        stack.workers.append(process)  # stopped with the stack
+        started[name] = (process, env)
+
+    def healthy(name: str) -> bool:
+        """The service's own healthcheck command, run the way Docker would."""
+        _, env = started[name]
+        test = compose["services"][name]["healthcheck"]["test"][1:]
+        check = subprocess.run(
+            [str(BIN_DIR / test[0]), *[_mapped(a, {"8000": str(port)}) for a in test[1:]]],
+            env=env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return check.returncode == 0
+
+    wait_until(lambda: healthy("worker"), 60, "worker healthcheck")
+    wait_until(lambda: healthy("mcp-frontend"), 60, "frontend healthcheck")
+    flow_run = await prefect.flow_run()
+    async with as_client(f"http://127.0.0.1:{port}/mcp", ALICE) as client:
+        ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
+        assert (await wait_terminal(client, ticket["job_id"]))["status"] == "applied"
+
+
+def _mapped(value: Any, hosts: dict[str, str]) -> str:
+    text = str(value)
+    for name, here in hosts.items():
+        text = text.replace(name, here)
+    return text

@@ -1,0 +1,87 @@
+"""Logs are JSON lines that name the job, run and client, and never carry a secret."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mcp_frontend.devstack import RedisServer, free_port, pmq_service
+from mcp_frontend.logs import REDACTED, configure_logging
+from tests.conftest import Services, Stack
+from tests.mcp_calls import ok, wait_terminal
+from tests.prefect_runs import PrefectRuns
+from tests.test_auth import ALICE, as_client
+from worker.settings import Settings
+
+REDIS_PASSWORD = "redis-pass-5f3a9c1e7d"
+PREFECT_KEY = "pnu_prefect-key-0a1b2c3d4e5f"
+PREFECT_AUTH = "admin:prefect-auth-9z8y7x"
+
+
+def test_secrets_are_scrubbed_from_messages_and_tracebacks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(json_lines=True, level="INFO", secrets=[ALICE, PREFECT_KEY])
+    log = logging.getLogger("pmq.test")
+    try:
+        log.info("token %s and key %s", ALICE, PREFECT_KEY, extra={"job_id": "j1"})
+        try:
+            raise RuntimeError(f"bad key {PREFECT_KEY}")
+        except RuntimeError:
+            log.exception("failed")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.captureWarnings(False)
+    assert lines[0]["message"] == f"token {REDACTED} and key {REDACTED}"
+    assert lines[0]["job_id"] == "j1" and lines[0]["level"] == "INFO"
+    assert PREFECT_KEY not in json.dumps(lines) and ALICE not in json.dumps(lines)
+    assert "RuntimeError" in lines[1]["exc_info"]
+
+
+async def test_service_logs_are_json_with_ids_and_no_secrets(
+    services: Services, prefect: PrefectRuns, tmp_path: Path
+) -> None:
+    redis = RedisServer(free_port(), tmp_path / "redis")
+    redis.argv += ["--requirepass", REDIS_PASSWORD]
+    redis.start_and_wait()
+    url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis.port}/0"
+    stack = Stack(services, 0, Settings(redis_url=url, heartbeat_s=1.0), services.prefect.api_url)
+    env = {"PREFECT_API_KEY": PREFECT_KEY, "PREFECT_API_AUTH_STRING": PREFECT_AUTH}
+    port = free_port()
+    frontend = pmq_service(
+        "frontend",
+        ["serve", "--transport", "http", "--port", str(port)],
+        env={**stack.env(), **env, "PMQ_AUTH_TOKENS": f"{ALICE}:alice"},
+        log_path=tmp_path / "frontend.log",
+    )
+    try:
+        worker = stack.start_worker(extra_env=env)
+        frontend.start()
+        stack.workers.append(frontend)
+        frontend.wait_ready(lambda: "Uvicorn running" in frontend.log_path.read_text(), 30)
+        flow_run = await prefect.flow_run()
+        async with as_client(f"http://127.0.0.1:{port}/mcp", ALICE) as client:
+            ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
+            job = await wait_terminal(client, ticket["job_id"])
+        assert job["status"] == "applied"
+    finally:
+        stack.stop()
+        redis.stop()
+    texts = {"frontend": frontend.log_path.read_text(), "worker": worker.log_path.read_text()}
+    for name, text in texts.items():
+        for secret in (REDIS_PASSWORD, PREFECT_KEY, PREFECT_AUTH, ALICE):
+            assert secret not in text, f"{name} log leaks a secret"
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        assert records, f"{name} logged nothing"
+    accepted = [json.loads(x) for x in texts["frontend"].splitlines() if ticket["job_id"] in x]
+    assert any(
+        r["message"] == "change accepted" and r["client_id"] == "alice" and r["run_id"] == flow_run
+        for r in accepted
+    )
+    finished = [json.loads(x) for x in texts["worker"].splitlines() if ticket["job_id"] in x]
+    assert any(
+        r["message"] == "job applied" and r["client_id"] == "alice" and r["run_id"] == flow_run
+        for r in finished
+    )
