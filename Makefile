@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install tools dev test lint typecheck pytest clean
+.PHONY: install tools dev test lint typecheck pytest bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -37,6 +37,16 @@ typecheck: install
 
 pytest: install tools
 	$(BIN)/pytest
+
+## Benchmarks B1-B4 (about 12 minutes on 2 cores): tables, PASS/FAIL per goal,
+## JSON and charts in bench/results/, then the README's tables from them.
+bench: install
+	$(BIN)/python bench/b1_caller_latency.py
+	$(BIN)/python bench/b2_throughput.py
+	$(BIN)/python bench/b3_batch_enqueue.py
+	$(BIN)/python bench/b4_redis_cost.py
+	$(BIN)/python bench/summary.py > bench/results/summary.md
+	@cat bench/results/summary.md
 
 clean:
 	rm -rf $(VENV) .pmq-dev .mypy_cache .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 import asyncio
 import enum
+import os
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ import httpx
 import typer
 import uvicorn
 from redis.exceptions import RedisError
+from starlette.applications import Starlette
 
 from mcp_frontend.auth import TokenConfigError, load_tokens
 from mcp_frontend.devstack import StartupError, client_config, dev_stack
@@ -50,6 +52,10 @@ def serve(
     ] = Transport.stdio,
     host: Annotated[str | None, typer.Option(help="HTTP bind address [PMQ_HTTP_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port [PMQ_HTTP_PORT].")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(help="HTTP server processes on the one port [PMQ_HTTP_PROCESSES].", min=1),
+    ] = None,
 ) -> None:
     """Run the MCP frontend."""
     settings = Settings()
@@ -66,12 +72,39 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     _logging(settings, tokens)
-    public_url = settings.public_url or f"http://{bind_host}:{bind_port}"
+    count = processes or settings.http_processes
+    if count == 1:
+        asgi = _http_app(settings, tokens, bind_host, bind_port)
+        # log_config=None: uvicorn keeps our handler (JSON, secrets scrubbed).
+        uvicorn.run(asgi, host=bind_host, port=bind_port, log_config=None, access_log=False)
+        return
+    # Several processes accept on one socket and the kernel spreads connections;
+    # each child builds its app from the same environment (see http_app_factory).
+    os.environ["PMQ_HTTP_HOST"], os.environ["PMQ_HTTP_PORT"] = bind_host, str(bind_port)
+    uvicorn.run(
+        "mcp_frontend.cli:http_app_factory",
+        factory=True,
+        workers=count,
+        host=bind_host,
+        port=bind_port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+def _http_app(settings: Settings, tokens: dict[str, str], host: str, port: int) -> Starlette:
+    public_url = settings.public_url or f"http://{host}:{port}"
     mcp = build_server(settings, tokens=tokens, public_url=public_url)
     allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
-    asgi = build_http_app(mcp, settings, host=bind_host, allowed_hosts=allowed)
-    # log_config=None: uvicorn keeps our handler (JSON, secrets scrubbed).
-    uvicorn.run(asgi, host=bind_host, port=bind_port, log_config=None, access_log=False)
+    return build_http_app(mcp, settings, host=host, allowed_hosts=allowed)
+
+
+def http_app_factory() -> Starlette:
+    """The HTTP app of one process of `pmq serve --processes N` (checked by the parent)."""
+    settings = Settings()
+    tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
+    _logging(settings, tokens)
+    return _http_app(settings, tokens, settings.http_host, settings.http_port)
 
 
 @app.command()

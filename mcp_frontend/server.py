@@ -29,7 +29,7 @@ from worker.store import ClientQuota, IdempotencyConflict, JobStore, QueueFull, 
 log = logging.getLogger(__name__)
 
 MAX_JOB_IDS = 1_000
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")  # \Z: `$` allows a final newline
 
 T = TypeVar("T")
 Ctx = Context[JobService, Any]
@@ -253,6 +253,13 @@ def build_server(
         """Cancel a job that has not started (queued or waiting); it will never be applied."""
         _check_job_id(job_id, "job_id")
         return await _guard(ctx.request_context.lifespan_context.cancel(job_id, current_client()))
+
+    if settings.bench_noop_tool:
+
+        @mcp.tool(annotations=_READ)
+        async def noop() -> JobList:
+            """Does nothing: the MCP transport's own cost, for bench/b1_caller_latency.py."""
+            return JobList(jobs=[])
 
     return mcp
 

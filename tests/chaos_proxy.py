@@ -4,6 +4,7 @@ Runs uvicorn in a thread of the test process; the test scripts the faults.
 """
 
 import asyncio
+import random
 import threading
 import time
 from collections import deque
@@ -28,8 +29,9 @@ class Fault:
 class ChaosProxy:
     """Forwards to `upstream`; answers the next scripted faults instead, in order.
 
-    `always` (when set) is answered to every request once the script is used up.
-    Requests for /health are forwarded and not counted.
+    `always` (when set) is answered to every request once the script is used up;
+    otherwise, with probability `fault_rate`, one of `random_faults` (seeded, so a
+    test's faults repeat). Requests for /health are forwarded and not counted.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -37,7 +39,14 @@ class ChaosProxy:
         self.port = free_port()
         self.script: deque[Fault] = deque()
         self.always: Fault | None = None
+        self.fault_rate = 0.0
+        self.random_faults: list[Fault] = []
+        self._rng = random.Random(20261124)
         self.latency_s = 0.0  # added before forwarding each request
+        # A server that queues: each forwarded request waits this long per request in flight.
+        self.latency_per_in_flight_s = 0.0
+        self.in_flight = 0
+        self.in_flight_seen: list[int] = []  # requests in flight as each one arrived
         self.faults_sent = 0
         self.forwarded = 0
         self.request_times: list[float] = []  # time.monotonic() of every request
@@ -65,6 +74,8 @@ class ChaosProxy:
         with self._lock:
             self.request_times.append(time.monotonic())
             fault = self.script.popleft() if self.script else self.always
+            if fault is None and self.random_faults and self._rng.random() < self.fault_rate:
+                fault = self._rng.choice(self.random_faults)
             if fault is not None:
                 self.faults_sent += 1
             else:
@@ -80,16 +91,24 @@ class ChaosProxy:
             if fault.retry_after_s is not None:
                 headers["Retry-After"] = f"{fault.retry_after_s:g}"
             return Response(b'{"detail":"injected fault"}', fault.status, headers=headers)
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        async with httpx.AsyncClient() as client:
-            upstream = await client.request(
-                request.method,
-                f"{self.upstream}/{request.path_params['path']}",
-                params=request.query_params,
-                content=await request.body(),
-                headers={"content-type": request.headers.get("content-type", "application/json")},
-            )
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            self.in_flight_seen.append(self.in_flight)
+            delay_s = self.latency_s + self.latency_per_in_flight_s * self.in_flight
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            async with httpx.AsyncClient() as client:
+                upstream = await client.request(
+                    request.method,
+                    f"{self.upstream}/{request.path_params['path']}",
+                    params=request.query_params,
+                    content=await request.body(),
+                    headers={
+                        "content-type": request.headers.get("content-type", "application/json")
+                    },
+                )
+        finally:
+            self.in_flight -= 1
         return Response(
             upstream.content,
             upstream.status_code,

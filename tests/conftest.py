@@ -159,6 +159,17 @@ def worked_stack(services: Services) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def own_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
+    """A Prefect server this test may stop and restart (same port, same database)."""
+    server = PrefectServer(free_port(), tmp_path / "prefect", ui=False)
+    server.start_and_wait()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def proxy(services: Services) -> Iterator[ChaosProxy]:
     """A fault-injecting proxy in front of the session's Prefect server."""
     with ChaosProxy(services.prefect.api_url.removesuffix("/api")) as chaos:

@@ -1,14 +1,11 @@
 """Transient failures for real: a stopped Prefect server and a proxy injecting 429/503."""
 
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
-import pytest
 from mcp import Client
 
-from mcp_frontend.devstack import PrefectServer, free_port
+from mcp_frontend.devstack import PrefectServer
 from mcp_frontend.server import build_server
 from tests.chaos_proxy import ChaosProxy, Fault
 from tests.conftest import Stack
@@ -16,22 +13,17 @@ from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 
 
-@pytest.fixture
-def own_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
-    """A Prefect server this test may stop and restart (same port, same database)."""
-    server = PrefectServer(free_port(), tmp_path / "prefect", ui=False)
-    server.start_and_wait()
-    try:
-        yield server
-    finally:
-        server.stop()
+async def _until_seen_waiting(
+    client: Client, job_ids: list[str], count: int, timeout_s: float
+) -> set[str]:
+    """Poll until `count` jobs have been seen `waiting` on a transient error; none may end.
 
-
-async def _until_all_seen_waiting(client: Client, job_ids: list[str], timeout_s: float) -> None:
-    """Poll until every job has been seen `waiting` on a transient error at least once."""
+    Not every job: while Prefect fails, a worker's adaptive limit drops to one call
+    in flight, so the others stay `queued` (untried) rather than burn attempts.
+    """
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
-    while seen != set(job_ids):
+    while len(seen) < count:
         jobs = (await ok(client, "get_jobs", job_ids=job_ids))["jobs"]
         assert not [j for j in jobs if j["status"] not in ("queued", "running", "waiting")]
         seen |= {
@@ -41,33 +33,37 @@ async def _until_all_seen_waiting(client: Client, job_ids: list[str], timeout_s:
             and j["error"]["code"] == "transient_error"
             and j["next_attempt_at"]
         }
-        assert time.monotonic() < deadline, f"not all seen waiting in {timeout_s} s: {jobs}"
+        assert time.monotonic() < deadline, f"{len(seen)} seen waiting in {timeout_s} s: {jobs}"
         # Doubles as a 0.1 s pause: these jobs cannot finish while Prefect is down.
         await ok(client, "get_job", job_id=job_ids[0], wait_s=0.1)
+    return seen
 
 
 async def test_jobs_wait_while_prefect_is_down_and_apply_after_restart(
     stack: Stack, own_prefect: PrefectServer
 ) -> None:
     runs = PrefectRuns(own_prefect.api_url)
-    flow_run = await runs.flow_run("RUNNING")
-    task_runs = [await runs.task_run(flow_run) for _ in range(10)]
-    stack.start_worker(prefect_api_url=own_prefect.api_url, max_attempts=100)
-    own_prefect.stop()
-    async with Client(build_server(stack.settings)) as client:
-        tickets = [
-            await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
-            for run in task_runs
-        ]
-        job_ids = [t["job_id"] for t in tickets]
-        await _until_all_seen_waiting(client, job_ids, timeout_s=30)
-        own_prefect.start_and_wait()
-        done = [await wait_terminal(client, job_id, timeout_s=60) for job_id in job_ids]
-    assert [j["status"] for j in done] == ["applied"] * 10
-    assert all(j["attempts"] >= 2 and j["error"] is None for j in done)
-    for run in task_runs:
-        assert [s["type"] for s in await runs.history("task", run)] == ["PENDING", "RUNNING"]
-    await runs.aclose()
+    try:
+        flow_run = await runs.flow_run("RUNNING")
+        task_runs = [await runs.task_run(flow_run) for _ in range(10)]
+        stack.start_worker(prefect_api_url=own_prefect.api_url, max_attempts=100)
+        own_prefect.stop()
+        async with Client(build_server(stack.settings)) as client:
+            tickets = [
+                await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
+                for run in task_runs
+            ]
+            job_ids = [t["job_id"] for t in tickets]
+            waited = await _until_seen_waiting(client, job_ids, count=3, timeout_s=30)
+            own_prefect.start_and_wait()
+            done = [await wait_terminal(client, job_id, timeout_s=60) for job_id in job_ids]
+        assert [j["status"] for j in done] == ["applied"] * 10
+        assert all(j["error"] is None for j in done)
+        assert all(j["attempts"] >= 2 for j in done if j["job_id"] in waited)
+        for run in task_runs:
+            assert [s["type"] for s in await runs.history("task", run)] == ["PENDING", "RUNNING"]
+    finally:
+        await runs.aclose()
 
 
 async def test_429_and_503_delay_the_job_then_it_applies(

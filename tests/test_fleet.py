@@ -3,7 +3,6 @@
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -12,71 +11,16 @@ from mcp import Client
 from mcp_frontend.server import build_server
 from tests.chaos_proxy import ChaosProxy, Fault
 from tests.conftest import Stack, wait_for
-from tests.fleet import make_runs, statuses, wait_all_terminal
+from tests.fleet import (
+    STATES,
+    assert_histories_match,
+    make_runs,
+    plan_changes,
+    submit_mixed,
+    wait_all_terminal,
+)
 from tests.mcp_calls import error, ok
 from tests.prefect_runs import PrefectRuns
-
-STATES = ["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED", "SCHEDULED"]
-
-
-def plan_changes(runs: Sequence[tuple[str, str]], steps: int, seed: int) -> list[dict[str, Any]]:
-    """`steps` forced changes per run, runs interleaved at random, per-run order kept."""
-    rng = random.Random(seed)
-    queues = {
-        run_id: [
-            {
-                "run_type": run_type,
-                "run_id": run_id,
-                "state": rng.choice(STATES),
-                "message": f"{run_id}:{step}",
-                "force": True,
-            }
-            for step in range(steps)
-        ]
-        for run_type, run_id in runs
-    }
-    order = [run_id for run_id, changes in queues.items() for _ in changes]
-    rng.shuffle(order)
-    return [queues[run_id].pop(0) for run_id in order]
-
-
-async def submit_mixed(client: Client, changes: list[dict[str, Any]], seed: int) -> list[str]:
-    """Submit in order, as a random mix of single calls and batches of 2-25."""
-    rng = random.Random(seed)
-    job_ids: list[str] = []
-    index = 0
-    while index < len(changes):
-        if rng.random() < 0.5:
-            change = changes[index]
-            field = f"{change['run_type']}_run_id"
-            args = {k: v for k, v in change.items() if k not in ("run_type", "run_id")}
-            tool = f"set_{change['run_type']}_run_state"
-            job_ids.append((await ok(client, tool, **{field: change["run_id"]}, **args))["job_id"])
-            index += 1
-        else:
-            batch = changes[index : index + rng.randint(2, 25)]
-            tickets = (await ok(client, "submit_state_changes", changes=batch))["jobs"]
-            job_ids.extend(t["job_id"] for t in tickets)
-            index += len(batch)
-    return job_ids
-
-
-async def assert_histories_match(prefect: PrefectRuns, changes: Sequence[dict[str, Any]]) -> None:
-    """Each run's history after its initial state is exactly its changes, in order."""
-    expected: dict[str, list[tuple[str, str]]] = {}
-    kinds: dict[str, str] = {}
-    for change in changes:
-        expected.setdefault(change["run_id"], []).append((change["state"], change["message"]))
-        kinds[change["run_id"]] = change["run_type"]
-    limit = asyncio.Semaphore(8)
-
-    async def check(run_id: str) -> None:
-        async with limit:
-            history = await prefect.history(kinds[run_id], run_id)
-        seen = [(s["type"], s["message"]) for s in history[1:]]
-        assert seen == expected[run_id], f"run {run_id}: {seen} != {expected[run_id]}"
-
-    await asyncio.gather(*(check(run_id) for run_id in expected))
 
 
 async def test_per_run_order_holds_across_4_workers_and_20_clients(
@@ -122,29 +66,6 @@ async def test_one_key_submitted_50_times_at_once_is_one_job_and_one_transition(
     async with Client(build_server(stack.settings)) as client:
         await wait_all_terminal(client, [tickets[0]["job_id"]], timeout_s=60)
     assert [s["type"] for s in await prefect.history("task", task_run)] == ["PENDING", "RUNNING"]
-
-
-async def test_sigkill_of_a_worker_mid_drain_loses_and_duplicates_nothing(
-    stack: Stack, prefect: PrefectRuns
-) -> None:
-    runs = await make_runs(prefect, 100, kinds=("task",))  # task runs accept repeats: the risk
-    workers = [stack.start_worker() for _ in range(3)]
-    changes = plan_changes(runs, steps=5, seed=7)
-    async with Client(build_server(stack.settings)) as client:
-        job_ids = [
-            t["job_id"] for t in (await ok(client, "submit_state_changes", changes=changes))["jobs"]
-        ]
-
-        async def finished() -> int:
-            jobs = await statuses(client, job_ids)
-            return sum(j["status"] == "applied" for j in jobs)
-
-        while await finished() < 100:
-            await ok(client, "get_job", job_id=job_ids[-1], wait_s=0.2)
-        workers[0].kill()
-        jobs = await wait_all_terminal(client, job_ids, timeout_s=180)
-    assert Counter(j["status"] for j in jobs) == {"applied": 500}
-    await assert_histories_match(prefect, changes)  # also proves no transition twice
 
 
 async def test_batch_with_one_bad_item_writes_nothing_and_a_good_one_keeps_order(

@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from worker.applier import Outcome, PrefectApplier
+from worker.concurrency import AdaptiveLimit, LimitSettings, SlotTimeout
 from worker.contract import (
     APPLY_STATE_CHANGE,
     PENDING_STATUSES,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
 _ARQ_MAX_TRIES = 1_000_000
 _PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
+_SLOT_RETRY_S = 0.5
 
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
@@ -128,6 +130,21 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
         )
         if now < settled_at:
             await _settle(store, record, settled_at)
+    concurrency: AdaptiveLimit = ctx["concurrency"]
+    try:
+        # The slot is taken before the claim: `running` means a Prefect call is due now.
+        async with concurrency.slot(timeout_s=settings.prefect_timeout_s / 2):
+            await _claim_and_apply(ctx, record, uncertain)
+    except SlotTimeout:
+        # Prefect is slow and this worker's calls in flight are at their limit: give
+        # the job back (still `queued`, no attempt used) for any worker to take.
+        raise Retry(defer=_SLOT_RETRY_S) from None
+
+
+async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bool) -> None:
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    now = utcnow()
     recheck_s = min(settings.gate_recheck_s, max((record.deadline - now).total_seconds(), 0.1))
     claim = await store.claim(
         record.job_id,
@@ -273,7 +290,15 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["prefect"] = await client.__aenter__()
     redis = ctx["redis"]  # arq's own pool: one Redis connection pool per process
     limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
-    ctx["applier"] = PrefectApplier(ctx["prefect"], limiter)
+    ctx["concurrency"] = AdaptiveLimit(
+        LimitSettings(
+            maximum=settings.worker_concurrency,
+            adaptive=settings.prefect_adaptive,
+            latency_tolerance=settings.prefect_latency_tolerance,
+            latency_floor_s=settings.prefect_latency_floor_s,
+        )
+    )
+    ctx["applier"] = PrefectApplier(ctx["prefect"], limiter, ctx["concurrency"])
     ctx["store"] = JobStore(
         redis,
         result_ttl_s=settings.result_ttl_s,

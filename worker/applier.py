@@ -18,6 +18,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import StateCreate
 from prefect.client.schemas.objects import StateDetails
 
+from worker.concurrency import AdaptiveLimit
 from worker.contract import ErrorCode, JobError, JobRecord, Orchestration, RunType, Status
 from worker.metrics import PREFECT_CALL_SECONDS
 from worker.policy import parse_retry_after
@@ -141,9 +142,15 @@ def _detail(response: httpx.Response) -> str:
 class PrefectApplier:
     """Applies one job's change through a shared, long-lived Prefect client."""
 
-    def __init__(self, client: PrefectClient, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        client: PrefectClient,
+        limiter: RateLimiter | None = None,
+        concurrency: AdaptiveLimit | None = None,
+    ) -> None:
         self.client = client
         self.limiter = limiter
+        self.concurrency = concurrency
         # What the last call told us about Prefect, for the worker's heartbeat.
         self.prefect_ok = False
         self.last_answer_at: float | None = None
@@ -175,15 +182,24 @@ class PrefectApplier:
             response = await httpx.AsyncClient.send(http, request)
         except httpx.HTTPError:
             self.prefect_ok = False
-            PREFECT_CALL_SECONDS.labels(call, "error").observe(time.monotonic() - started)
+            await self._observed(call, "error", started, overloaded=True)
             raise
         self.prefect_ok = response.status_code < 500
         self.last_answer_at = time.monotonic()
-        PREFECT_CALL_SECONDS.labels(call, str(response.status_code)).observe(
-            self.last_answer_at - started
+        await self._observed(
+            call,
+            str(response.status_code),
+            started,
+            overloaded=response.status_code == 429 or response.status_code >= 500,
         )
         response.raise_for_status()
         return response
+
+    async def _observed(self, call: str, outcome: str, started: float, *, overloaded: bool) -> None:
+        latency_s = time.monotonic() - started
+        PREFECT_CALL_SECONDS.labels(call, outcome).observe(latency_s)
+        if self.concurrency is not None:
+            await self.concurrency.observe(latency_s, overloaded=overloaded)
 
     async def probe(self) -> bool:
         """Is Prefect answering? For the heartbeat, when no job has asked lately."""

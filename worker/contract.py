@@ -112,7 +112,23 @@ class InvalidChange(ValueError):
         self.rule = rule
 
 
-IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")  # \Z: `$` allows a final newline
+
+# A UUID's textual forms: hyphenated or 32 hex digits, optionally in braces or a URN.
+# `uuid.UUID` alone also takes signs, underscores, blanks and non-ASCII digits, which
+# can turn a mistyped id into another valid one.
+_UUID_TEXT_RE = re.compile(
+    r"^(?:urn:uuid:)?(\{)?(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+    r"[0-9a-fA-F]{12}|[0-9a-fA-F]{32})(?(1)\})\Z"
+)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StateChange(BaseModel):
@@ -145,6 +161,8 @@ class StateChange(BaseModel):
         except ValueError:
             raise InvalidChange("run_type", "must be 'task' or 'flow'") from None
         try:
+            if not _UUID_TEXT_RE.match(run_id):
+                raise ValueError(run_id)
             canonical_id = str(uuid.UUID(run_id))
         except (ValueError, AttributeError, TypeError):
             raise InvalidChange(
@@ -162,6 +180,9 @@ class StateChange(BaseModel):
             raise InvalidChange(
                 "message", f"must be at most {max_message_chars} characters, got {len(message)}"
             )
+        if message is not None and not _is_unicode(message):
+            # Redis's JSON decoder would refuse it, and the call would look like an outage.
+            raise InvalidChange("message", "must be valid Unicode text (no lone surrogates)")
         if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
             raise InvalidChange(
                 "idempotency_key",

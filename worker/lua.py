@@ -64,6 +64,7 @@ local function count(key, field, by)
 end
 
 local function count_total(field, by) count("STATS_TOTAL", field, by) end
+local function count_live(field, by) count("STATS_LIVE", field, by) end
 
 local function moved(from, to)
   if from == to then return end
@@ -143,10 +144,12 @@ for _, item in ipairs(items) do
       redis.call("ZADD", PENDING, item.deadline, item.id)
       redis.call("PEXPIRE", PENDING, ttl)
     end
-    count_total("enqueued", 1)
-    moved(false, "queued")
     out[#out + 1] = {"new", item.id, seq}
   end
+end
+if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
+  count_total("enqueued", fresh)
+  count_live("queued", fresh)
 end
 return out
 """

@@ -53,7 +53,23 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         1_000, ge=1, description="Most changes one `submit_state_changes` call may carry."
     )
-    worker_concurrency: int = Field(16, ge=1, description="Jobs one worker process runs at once.")
+    worker_concurrency: int = Field(
+        16, ge=1, description="Jobs one worker process runs at once (and most Prefect calls)."
+    )
+    prefect_adaptive: bool = Field(
+        True,
+        description="Adapt each worker's Prefect calls in flight to Prefect's latency (AIMD, "
+        "up to PMQ_WORKER_CONCURRENCY); false = always PMQ_WORKER_CONCURRENCY.",
+    )
+    prefect_latency_tolerance: float = Field(
+        2.0,
+        gt=1,
+        description="A call this many times slower than the fastest recent one means Prefect "
+        "is queueing: fewer calls in flight.",
+    )
+    prefect_latency_floor_s: float = Field(
+        0.05, ge=0, description="Calls faster than this never count as slow."
+    )
     worker_poll_delay_s: float = Field(
         0.05, gt=0, description="How often an idle worker looks for new jobs."
     )
@@ -94,6 +110,15 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(30.0, ge=0, description="Cap on `get_job(wait_s=...)`.")
     http_host: str = Field("127.0.0.1", description="Address `pmq serve --transport http` binds.")
     http_port: int = Field(8000, ge=0, le=65_535, description="Port of the HTTP frontend.")
+    bench_noop_tool: bool = Field(
+        False, description="Also serve a `noop` tool: the baseline of bench/b1_caller_latency.py."
+    )
+    http_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Frontend processes sharing the HTTP port (the tools are stateless).",
+    )
     auth_tokens: str = Field(
         "",
         description="HTTP bearer tokens, `token:client_id` comma-separated (tokens of 16+ "
@@ -146,7 +171,8 @@ class Settings(BaseSettings):
 
     @property
     def job_timeout_s(self) -> float:
-        """arq's hard limit on one run of a job: a history read plus one set_state call.
+        """arq's hard limit on one run of a job: a history read plus one set_state call,
+        the wait for a call slot (half a call's timeout) and the inline rate-limit waits.
 
         Crash recovery does not wait for it: a worker holds each job through a
         renewed `worker_lease_s` lease instead (see worker.app).

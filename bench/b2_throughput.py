@@ -1,0 +1,240 @@
+"""B2: how fast do workers apply a burst, against the best a direct client gets?
+
+Starts its own Redis, Prefect server (SQLite) and `pmq serve`; creates the
+task runs once. Then, in the same run:
+
+- baseline: Prefect's own client calls set_task_run_state directly at
+  concurrency 1, 4 and 16 (each run's changes in order); the best of the
+  three is the direct ceiling;
+- queue: a burst of `--changes` changes over `--runs` runs is submitted
+  through `submit_state_changes` and drained by 1, 2 and 4 `pmq worker`
+  processes with adaptive Prefect concurrency, and by 1 worker with a fixed
+  20 calls in flight (PMQ_PREFECT_ADAPTIVE=false, PMQ_WORKER_CONCURRENCY=20).
+
+Applied/s is changes over the time from the first submit to the last
+terminal job. Prefect's p99 during a drain is read from the workers'
+`pmq_prefect_call_seconds` histogram (the upper bound of the bucket holding
+the 99th percentile); the direct client's is exact. Writes
+bench/results/b2_throughput.json and b2_drain.png.
+
+    .venv/bin/python bench/b2_throughput.py [--changes 5000 --runs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+from mcp import Client
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from bench.harness import RESULTS, BenchStack, Report, bench_stack, cpu_seconds, table
+from bench.workload import create_task_runs, direct_drain, plan
+from worker.contract import STATS_TOTAL_KEY
+
+TERMINAL = ("applied", "rejected", "failed", "cancelled")
+
+
+async def submit(url: str, changes: list[dict[str, Any]]) -> list[str]:
+    async with Client(url) as client:
+        ids: list[str] = []
+        for start in range(0, len(changes), 1000):
+            result = await client.call_tool(
+                "submit_state_changes", {"changes": changes[start : start + 1000]}
+            )
+            assert not result.is_error and result.structured_content, result.content
+            ids += [t["job_id"] for t in result.structured_content["jobs"]]
+        return ids
+
+
+async def totals(redis: Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in (await redis.hgetall(STATS_TOTAL_KEY)).items()}
+
+
+def prefect_p99_s(metrics_texts: list[str]) -> tuple[float, int]:
+    """p99 of set_state calls over several workers' histograms (bucket upper bound)."""
+    buckets: dict[float, float] = {}
+    for text in metrics_texts:
+        for family in text_string_to_metric_families(text):
+            if family.name != "pmq_prefect_call_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.labels["call"] == "set_state":
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    count = buckets.get(float("inf"), 0.0)
+    for bound in sorted(buckets):
+        if buckets[bound] >= 0.99 * count:
+            return bound, int(count)
+    return float("nan"), int(count)
+
+
+async def queue_drain(
+    stack: BenchStack, url: str, changes: list[dict[str, Any]], label: str, **settings: Any
+) -> tuple[dict[str, Any], list[tuple[float, int]]]:
+    """Start workers, submit the burst, sample applied counts until all are terminal."""
+    count = settings.pop("workers")
+    workers = [stack.worker(f"{label}-{i}", **settings) for i in range(count)]
+    redis = Redis.from_url(stack.redis.url())
+    await redis.delete(STATS_TOTAL_KEY)
+    processes = {
+        "worker": [w.proc.pid for w in workers],  # type: ignore[union-attr]
+        "prefect": [stack.prefect.proc.pid],  # type: ignore[union-attr]
+        "redis": [stack.redis.proc.pid],  # type: ignore[union-attr]
+    }
+    cpu_before = {k: sum(map(cpu_seconds, pids)) for k, pids in processes.items()}
+    started = time.perf_counter()
+    await submit(url, changes)
+    timeline: list[tuple[float, int]] = []
+    while True:
+        now = totals_now = await totals(redis)
+        finished = sum(now.get(k, 0) for k in TERMINAL)
+        timeline.append((time.perf_counter() - started, totals_now.get("applied", 0)))
+        if finished >= len(changes):
+            break
+        await asyncio.sleep(0.2)
+    seconds = time.perf_counter() - started
+    cpu_ms = {
+        k: round((sum(map(cpu_seconds, pids)) - cpu_before[k]) * 1000 / len(changes), 2)
+        for k, pids in processes.items()
+    }
+    async with httpx.AsyncClient() as http:
+        texts = [(await http.get(w.metrics_url)).text for w in workers]  # type: ignore[attr-defined]
+    for worker in workers:
+        stack.stop_child(worker)
+    final = await totals(redis)
+    await redis.aclose()
+    p99_s, calls = prefect_p99_s(texts)
+    row = {
+        "mode": label,
+        "changes": len(changes),
+        "seconds": round(seconds, 2),
+        "applied_per_s": round(final.get("applied", 0) / seconds, 1),
+        "prefect_p99_ms": round(p99_s * 1000, 1),
+        "prefect_calls": calls,
+        "retried": final.get("retried", 0),
+        "not_applied": len(changes) - final.get("applied", 0),
+        **{f"cpu_ms_{k}": v for k, v in cpu_ms.items()},
+    }
+    return row, timeline
+
+
+def chart(
+    rows: list[dict[str, Any]], timelines: dict[str, list[tuple[float, int]]], ceiling: float
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, points in timelines.items():
+        rates = [
+            (t1, (a1 - a0) / (t1 - t0))
+            for (t0, a0), (t1, a1) in zip(points[::5], points[5::5], strict=False)
+            if t1 > t0
+        ]
+        ax.plot([t for t, _ in rates], [r for _, r in rates], label=label)
+    ax.axhline(ceiling, color="black", linestyle="--", label=f"direct ceiling {ceiling:.0f}/s")
+    ax.set_xlabel("seconds since the burst was submitted")
+    ax.set_ylabel("changes applied per second (1 s windows)")
+    ax.set_title(f"B2: draining {rows[0]['changes']} changes")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    path = RESULTS / "b2_drain.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--changes", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--direct-changes", type=int, default=1500)
+    parser.add_argument("--workers", default="1,2,4")
+    args = parser.parse_args()
+    steps = args.changes // args.runs
+    report = Report("b2_throughput", "python bench/b2_throughput.py " + " ".join(sys.argv[1:]))
+    with bench_stack() as stack:
+        runs = await create_task_runs(stack.prefect.api_url, args.runs)
+        rows, direct = [], []
+        prefect_pid = stack.prefect.proc.pid  # type: ignore[union-attr]
+        for concurrency in (1, 4, 16):
+            before = cpu_seconds(prefect_pid), time.process_time()
+            result = await direct_drain(
+                stack.prefect.api_url,
+                plan(runs[: args.direct_changes // steps], steps, seed=concurrency),
+                concurrency,
+            )
+            direct.append(result)
+            rows.append(result.row())
+            rows[-1]["cpu_ms_prefect"] = round(
+                (cpu_seconds(prefect_pid) - before[0]) * 1000 / result.changes, 2
+            )
+            rows[-1]["cpu_ms_client"] = round(
+                (time.process_time() - before[1]) * 1000 / result.changes, 2
+            )
+        best = max(direct, key=lambda d: d.per_s)
+        _, url = stack.frontend("frontend")
+        timelines: dict[str, list[tuple[float, int]]] = {}
+        configs = [
+            (f"queue {n} worker{'s' if n > 1 else ''}", {"workers": n})
+            for n in map(int, args.workers.split(","))
+        ]
+        configs.append(
+            (
+                "queue 1 worker, fixed 20",
+                {"workers": 1, "prefect_adaptive": "false", "worker_concurrency": 20},
+            )
+        )
+        for seed, (label, settings) in enumerate(configs, start=100):
+            row, timeline = await queue_drain(
+                stack, url, plan(runs, steps, seed), label, **settings
+            )
+            rows.append(row)
+            timelines[label] = timeline
+    columns = [
+        "mode",
+        "changes",
+        "seconds",
+        "applied_per_s",
+        "prefect_p50_ms",
+        "prefect_p99_ms",
+        "prefect_calls",
+        "retried",
+        "not_applied",
+        "cpu_ms_client",
+        "cpu_ms_worker",
+        "cpu_ms_prefect",
+        "cpu_ms_redis",
+    ]
+    table(rows, columns)
+    report.sections["rows"] = rows
+    report.sections["direct_ceiling_per_s"] = round(best.per_s, 1)
+    report.sections["timelines"] = {
+        k: [[round(t, 2), a] for t, a in v] for k, v in timelines.items()
+    }
+    for row in rows:
+        if not row["mode"].startswith("queue") or "fixed" in row["mode"]:
+            continue
+        ratio = row["applied_per_s"] / best.per_s
+        report.goal(
+            f"{row['mode']}: >= 0.9x direct ceiling, Prefect p99 <= 1 s",
+            ratio >= 0.9 and row["prefect_p99_ms"] <= 1000 and row["not_applied"] == 0,
+            f"{ratio:.2f}x of {best.per_s:.0f}/s, p99 <= {row['prefect_p99_ms']:.0f} ms",
+        )
+    print(f"chart: {chart(rows, timelines, best.per_s).relative_to(RESULTS.parent.parent)}")
+    report.save()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
