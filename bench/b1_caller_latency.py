@@ -10,8 +10,9 @@ the bench's own Python is not the only bottleneck. In the same run:
    - `noop` on the same server process: the MCP transport's own cost;
    - direct: Prefect's client calling set_task_run_state and waiting for
      Prefect's answer, as existing Prefect MCP servers do;
-2. saturated: 2 workers drain a 2,000-change burst while 10 clients call
-   `set_task_run_state` and 10 others call Prefect directly;
+2. saturated: 2 workers drain a 2,000-change burst while 10 agents call
+   `set_task_run_state` 5 times a second each and 10 others call Prefect
+   directly, each call waiting for the one before;
 3. scale-out: 50 clients against `pmq serve --processes 2` vs 1 process.
 
 Writes bench/results/b1_caller_latency.json and b1_latency.png.
@@ -42,7 +43,9 @@ WARMUP_CALLS = 5
 # --- run inside client processes -------------------------------------------------------
 
 
-async def _mcp_clients(url: str, tool: str, clients: int, calls: int) -> tuple[list[float], float]:
+async def _mcp_clients(
+    url: str, tool: str, clients: int, calls: int, interval_s: float
+) -> tuple[list[float], float]:
     from mcp import Client
 
     latencies: list[float] = []
@@ -54,7 +57,11 @@ async def _mcp_clients(url: str, tool: str, clients: int, calls: int) -> tuple[l
 
     async def one_client() -> None:
         async with Client(url) as client:
+            next_at = time.perf_counter()
             for index in range(WARMUP_CALLS + calls):
+                if interval_s:  # an agent calling at its own pace, not as fast as it can
+                    next_at += interval_s
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
                 started = time.perf_counter()
                 result = await client.call_tool(tool, args())
                 if index >= WARMUP_CALLS:
@@ -93,7 +100,9 @@ def _client_process(job: dict[str, Any]) -> tuple[list[float], float]:
     if job["kind"] == "direct":
         coro = _direct_clients(job["api_url"], job["runs"], job["clients"], job["calls"])
     else:
-        coro = _mcp_clients(job["url"], job["kind"], job["clients"], job["calls"])
+        coro = _mcp_clients(
+            job["url"], job["kind"], job["clients"], job["calls"], job.get("interval_s", 0.0)
+        )
     return asyncio.run(coro)
 
 
@@ -157,7 +166,7 @@ async def main() -> None:
     pool = ProcessPoolExecutor(2 * CLIENT_PROCESSES, mp_context=get_context("spawn"))
     with bench_stack() as stack, pool:
         api_url = stack.prefect.api_url
-        runs = await create_task_runs(api_url, 300)
+        runs = await create_task_runs(api_url, 450)  # 400 for the burst, 50 for direct calls
         _, url = stack.frontend("frontend", bench_noop_tool="true")
         for clients, count in calls.items():
             base = {"url": url, "clients": clients, "calls": count}
@@ -185,9 +194,9 @@ async def saturated_rows(
 
     from worker.contract import STATS_TOTAL_KEY
 
-    workers = [stack.worker(f"drain-{i}") for i in range(2)]
     redis = Redis.from_url(stack.redis.url())
-    applied_before = int(await redis.hget(STATS_TOTAL_KEY, "applied") or 0)
+    await redis.flushdb()  # drop the unapplied changes of the rows before
+    workers = [stack.worker(f"drain-{i}") for i in range(2)]
     burst = plan(runs[:400], 5, seed=7)
     async with Client(url) as client:
         for start in range(0, len(burst), 1000):
@@ -195,12 +204,19 @@ async def saturated_rows(
                 "submit_state_changes", {"changes": burst[start : start + 1000]}
             )
             assert not result.is_error, result.content
+    applied_before = int(await redis.hget(STATS_TOTAL_KEY, "applied") or 0)
     loop = asyncio.get_running_loop()
     queue = loop.run_in_executor(
         None,
         measure,
         pool,
-        {"kind": "set_task_run_state", "url": url, "clients": 10, "calls": 150},
+        {
+            "kind": "set_task_run_state",
+            "url": url,
+            "clients": 10,
+            "calls": 50,
+            "interval_s": 0.2,
+        },
         "queue, Prefect saturated",
     )
     direct = loop.run_in_executor(

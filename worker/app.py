@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _ARQ_MAX_TRIES = 1_000_000
 _PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
 _SLOT_RETRY_S = 0.5
+_SPARE_JOBS = 6  # jobs a worker holds beyond its Prefect call slots: a poll interval's worth
 
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
@@ -290,14 +291,24 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["prefect"] = await client.__aenter__()
     redis = ctx["redis"]  # arq's own pool: one Redis connection pool per process
     limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
+    arq_worker: Worker = ctx["arq_worker"]
+
+    def take_fewer_jobs(slots: int) -> None:
+        # arq takes jobs up to max_jobs (read on every poll). Jobs it holds beyond our
+        # slots only wait, and every worker's poll walks past them with a round trip
+        # each: so it takes what the slots can serve soon, and leaves the rest queued.
+        arq_worker.max_jobs = min(settings.worker_concurrency, slots + _SPARE_JOBS)
+
     ctx["concurrency"] = AdaptiveLimit(
         LimitSettings(
             maximum=settings.worker_concurrency,
             adaptive=settings.prefect_adaptive,
             latency_tolerance=settings.prefect_latency_tolerance,
             latency_floor_s=settings.prefect_latency_floor_s,
-        )
+        ),
+        on_change=take_fewer_jobs,
     )
+    take_fewer_jobs(int(ctx["concurrency"].limit))
     ctx["applier"] = PrefectApplier(ctx["prefect"], limiter, ctx["concurrency"])
     ctx["store"] = JobStore(
         redis,
@@ -388,6 +399,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
     }
     options.update(overrides)
     worker = Worker(**options)
+    worker.ctx["arq_worker"] = worker  # startup() ties max_jobs to the adaptive limit
     # arq derives this from the longest job timeout; the lease (see _lease) replaces it.
     worker.in_progress_timeout_s = settings.worker_lease_s
     return worker

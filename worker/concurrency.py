@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
@@ -54,8 +54,11 @@ class AdaptiveLimit:
     `adaptive=False` it is a plain semaphore of `maximum` slots.
     """
 
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(
+        self, settings: LimitSettings, on_change: Callable[[int], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.on_change = on_change  # told the new whole number of slots
         initial = settings.initial if settings.adaptive else settings.maximum
         self.limit = float(min(max(initial, settings.minimum), settings.maximum))
         self.in_flight = 0
@@ -90,8 +93,11 @@ class AdaptiveLimit:
         if not self.settings.adaptive:
             return
         async with self._changed:
+            before = int(self.limit)
             self._adapt(latency_s, overloaded)
             LIMIT.set(self.limit)
+            if self.on_change is not None and int(self.limit) != before:
+                self.on_change(int(self.limit))
             self._changed.notify_all()
 
     def _adapt(self, latency_s: float, overloaded: bool) -> None:

@@ -5,6 +5,7 @@ The frontend imports this module; it never imports the frontend.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -198,10 +199,13 @@ class StateChange(BaseModel):
         )
 
     def identity(self) -> str:
-        """What must match for a repeated idempotency key to count as the same change."""
-        return json.dumps(
-            [self.run_type, self.run_id, self.state, self.state_name, self.message, self.force]
-        )
+        """What must match for a repeated idempotency key to count as the same change.
+
+        A digest, not the fields: stored in every record, it stays under Redis'
+        64-byte listpack limit, which keeps a pending record's hash compact.
+        """
+        fields = [self.run_type, self.run_id, self.state, self.state_name, self.message, self.force]
+        return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).hexdigest()
 
 
 class JobRecord(StateChange):
@@ -257,7 +261,7 @@ class JobRecord(StateChange):
             fingerprint=change.identity(),
             enqueued_at=enqueued_at,
             deadline_ms=int((enqueued_at.timestamp() + deadline_s) * 1000),
-            **change.model_dump(),
+            **dict(change),  # the validated fields as they are (model_dump copies)
         )
 
     @property
