@@ -40,6 +40,28 @@ async def test_streamable_http_end_to_end(stack: Stack, prefect: PrefectRuns) ->
         await _apply_one(client, prefect)
 
 
+async def test_several_http_processes_share_one_port(stack: Stack, prefect: PrefectRuns) -> None:
+    port = free_port()
+    frontend = pmq_service(
+        "http-2p",
+        ["serve", "--transport", "http", "--port", str(port), "--processes", "2"],
+        env=stack.env(),
+        log_path=stack.services.tmp / "logs" / f"http-2p-{port}.log",
+    )
+    frontend.start()
+    stack.workers.append(frontend)  # stopped with the stack
+    frontend.wait_ready(lambda: _healthy(port), 60)
+    assert frontend.proc is not None
+    children = subprocess.run(
+        ["pgrep", "-P", str(frontend.proc.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert len(children) >= 2, children  # uvicorn's supervisor and its 2 servers
+    stack.start_worker()
+    for _ in range(3):  # new connections: the kernel may hand each to either process
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            await _apply_one(client, prefect)
+
+
 async def test_stdio_end_to_end(stack: Stack, prefect: PrefectRuns) -> None:
     stack.start_worker()
     params = StdioServerParameters(
