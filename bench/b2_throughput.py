@@ -95,9 +95,9 @@ async def queue_drain(
     await submit(url, changes)
     timeline: list[tuple[float, int]] = []
     while True:
-        now = totals_now = await totals(redis)
+        now = await totals(redis)
         finished = sum(now.get(k, 0) for k in TERMINAL)
-        timeline.append((time.perf_counter() - started, totals_now.get("applied", 0)))
+        timeline.append((time.perf_counter() - started, now.get("applied", 0)))
         if finished >= len(changes):
             break
         await asyncio.sleep(0.2)
@@ -107,7 +107,7 @@ async def queue_drain(
         for k, pids in processes.items()
     }
     async with httpx.AsyncClient() as http:
-        texts = [(await http.get(w.metrics_url)).text for w in workers]  # type: ignore[attr-defined]
+        texts = [(await http.get(stack.metrics_urls[w.name])).text for w in workers]
     for worker in workers:
         stack.stop_child(worker)
     final = await totals(redis)

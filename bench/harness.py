@@ -114,6 +114,7 @@ class BenchStack:
         self.redis.argv += list(redis_args)
         self.prefect = PrefectServer(free_port(), tmp / "prefect", ui=False)
         self.children: list[Service] = []
+        self.metrics_urls: dict[str, str] = {}  # worker name -> its Prometheus endpoint
 
     def start(self) -> None:
         self.redis.start_and_wait()
@@ -156,7 +157,7 @@ class BenchStack:
                 ),
                 90,
             )
-        child.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
+        self.metrics_urls[child.name] = f"http://127.0.0.1:{metrics_port}/metrics"
         return child
 
     def frontend(self, name: str, *, processes: int = 1, **settings: Any) -> tuple[Service, str]:

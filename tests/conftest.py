@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -104,6 +105,20 @@ class Stack:
         worker.wait_ready(lambda: bool(self.redis.exists("arq:queue:health-check")), 60)
         return worker
 
+    def start_frontend(self, *args: str, timeout_s: float = 30.0) -> tuple[Service, int]:
+        """`pmq serve --transport http` on a free port (plus `args`); stopped with the stack."""
+        port = free_port()
+        frontend = pmq_service(
+            f"http-{port}",
+            ["serve", "--transport", "http", "--port", str(port), *args],
+            env=self.env(),
+            log_path=self.services.tmp / "logs" / f"http-{port}.log",
+        )
+        frontend.start()
+        self.workers.append(frontend)
+        frontend.wait_ready(lambda: http_healthy(port), timeout_s)
+        return frontend, port
+
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -183,6 +198,14 @@ async def prefect(services: Services) -> AsyncIterator[PrefectRuns]:
         yield runs
     finally:
         await runs.aclose()
+
+
+def http_healthy(port: int) -> bool:
+    """Does a frontend answer /healthz on this port?"""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:

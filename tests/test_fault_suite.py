@@ -16,10 +16,10 @@ import anyio
 import pytest
 from mcp import Client
 
-from mcp_frontend.devstack import PrefectServer, RedisServer, free_port, pmq_service
+from mcp_frontend.devstack import PrefectServer, RedisServer, free_port
 from mcp_frontend.server import build_server
 from tests.chaos_proxy import ChaosProxy, Fault
-from tests.conftest import TEST_SETTINGS, Services, Stack
+from tests.conftest import TEST_SETTINGS, Services, Stack, http_healthy
 from tests.fleet import (
     assert_histories_match,
     make_runs,
@@ -209,21 +209,9 @@ async def test_f5_frontend_killed_and_restarted_while_clients_submit(
     plans = [keyed(plan_changes(owned, steps=STEPS, seed=50 + i)) for i, owned in enumerate(owners)]
     for _ in range(2):
         stack.start_worker()
-    port = free_port()
-    frontend = pmq_service(
-        "f5-frontend",
-        ["serve", "--transport", "http", "--port", str(port)],
-        env=stack.env(),
-        log_path=stack.services.tmp / "logs" / f"f5-frontend-{port}.log",
-    )
-    stack.workers.append(frontend)  # stopped with the stack
+    frontend, port = stack.start_frontend()
     url = f"http://127.0.0.1:{port}/mcp"
 
-    def start_frontend() -> None:
-        frontend.start()
-        frontend.wait_ready(lambda: _healthy(port), 30)
-
-    start_frontend()
     progress: list[list[str]] = [[] for _ in plans]
     sending = [
         asyncio.create_task(resend_until_ticketed(url, plan, progress[i]))
@@ -234,7 +222,12 @@ async def test_f5_frontend_killed_and_restarted_while_clients_submit(
         assert not done, f"an agent ended before the kill: {done}"
         await asyncio.sleep(0.05)
     frontend.kill()
-    await anyio.to_thread.run_sync(start_frontend)
+
+    def restart_frontend() -> None:
+        frontend.start()
+        frontend.wait_ready(lambda: http_healthy(port), 30)
+
+    await anyio.to_thread.run_sync(restart_frontend)
     results = await asyncio.gather(*sending)
     assert sum(errors for _, errors in results) > 0, "no client saw the frontend die"
     changes = [c for plan in plans for c in plan]
@@ -242,12 +235,3 @@ async def test_f5_frontend_killed_and_restarted_while_clients_submit(
     assert len(set(job_ids)) == len(changes)
     async with Client(build_server(stack.settings)) as client:
         await assert_exactly_once_in_order(client, prefect, job_ids, changes)
-
-
-def _healthy(port: int) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -491,20 +491,21 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
 OPTIONAL = ("message", "force", "idempotency_key")
 
 
-@st.composite
-def change_args(draw: st.DrawFn, id_field: str, *, batch: bool = False, shape: str = "") -> Args:
-    """Arguments of a state-change tool, or one item of a batch (`batch`)."""
-    good = {id_field: good_run_id, **GOOD}
-    bad = {id_field: bad_run_id, **BAD}
-    if not batch:
-        del good["run_type"], bad["run_type"]
-    required = [name for name in good if name not in OPTIONAL]
-    args = {name: draw(good[name]) for name in required}
-    args |= {name: draw(good[name]) for name in OPTIONAL if draw(st.booleans())}
-    shape = shape or draw(st.sampled_from(SHAPES))
+def mutated(
+    draw: st.DrawFn,
+    shape: str,
+    args: Args,
+    good: dict[str, st.SearchStrategy[Any]],
+    bad: dict[str, st.SearchStrategy[Any]],
+    *,
+    nullable: bool,
+    extras: bool,
+) -> Args:
+    """Well-formed `args` as they are, with one thing wrong, or arbitrary, per `shape`."""
     if shape == "one thing wrong":
         name = draw(st.sampled_from(sorted(good)))
-        how = draw(st.sampled_from(["bad value", "junk", "null", "missing", "extra field"]))
+        hows = ["bad value", "junk", "null", "missing", "extra field"]
+        how = draw(st.sampled_from(hows if nullable else [h for h in hows if h != "null"]))
         if how == "bad value":
             args[name] = draw(bad[name])
         elif how == "junk":
@@ -524,9 +525,24 @@ def change_args(draw: st.DrawFn, id_field: str, *, batch: bool = False, shape: s
                 args[name] = draw(
                     junk if choice == "junk" else {"good": good, "bad": bad}[choice][name]
                 )
-        for name in draw(st.lists(st.sampled_from(EXTRA_NAMES), max_size=2)):
-            args[name] = draw(junk)
+        if extras:
+            for name in draw(st.lists(st.sampled_from(EXTRA_NAMES), max_size=2)):
+                args[name] = draw(junk)
     return args
+
+
+@st.composite
+def change_args(draw: st.DrawFn, id_field: str, *, batch: bool = False, shape: str = "") -> Args:
+    """Arguments of a state-change tool, or one item of a batch (`batch`)."""
+    good = {id_field: good_run_id, **GOOD}
+    bad = {id_field: bad_run_id, **BAD}
+    if not batch:
+        del good["run_type"], bad["run_type"]
+    required = [name for name in good if name not in OPTIONAL]
+    args = {name: draw(good[name]) for name in required}
+    args |= {name: draw(good[name]) for name in OPTIONAL if draw(st.booleans())}
+    shape = shape or draw(st.sampled_from(SHAPES))
+    return mutated(draw, shape, args, good, bad, nullable=True, extras=True)
 
 
 @st.composite
@@ -601,26 +617,7 @@ def single_job_args(draw: st.DrawFn, known: list[str], *, wait: bool) -> Args:
     if wait and draw(st.booleans()):
         args["wait_s"] = draw(good_wait)
     shape = draw(st.sampled_from(SHAPES))
-    if shape == "one thing wrong":
-        name = draw(st.sampled_from(sorted(good)))
-        how = draw(st.sampled_from(["bad value", "junk", "missing", "extra field"]))
-        if how == "bad value":
-            args[name] = draw(bad[name])
-        elif how == "junk":
-            args[name] = draw(junk)
-        elif how == "missing":
-            args.pop(name, None)
-        else:
-            args[draw(st.sampled_from(EXTRA_NAMES))] = draw(junk)
-    elif shape == "arbitrary":
-        args = {}
-        for name in good:
-            choice = draw(st.sampled_from(["good", "bad", "junk", "absent"]))
-            if choice != "absent":
-                args[name] = draw(
-                    junk if choice == "junk" else {"good": good, "bad": bad}[choice][name]
-                )
-    return args
+    return mutated(draw, shape, args, good, bad, nullable=False, extras=False)
 
 
 @st.composite

@@ -6,11 +6,10 @@ import signal
 import subprocess
 from pathlib import Path
 
-import httpx
 from mcp import Client, StdioServerParameters
 
-from mcp_frontend.devstack import BIN_DIR, free_port, pmq_service
-from tests.conftest import Stack, wait_for
+from mcp_frontend.devstack import BIN_DIR, free_port
+from tests.conftest import Stack, http_healthy, wait_for
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 
@@ -25,32 +24,14 @@ async def _apply_one(client: Client, prefect: PrefectRuns) -> None:
 
 
 async def test_streamable_http_end_to_end(stack: Stack, prefect: PrefectRuns) -> None:
-    port = free_port()
-    frontend = pmq_service(
-        "http-frontend",
-        ["serve", "--transport", "http", "--port", str(port)],
-        env=stack.env(),
-        log_path=stack.services.tmp / "logs" / f"http-{port}.log",
-    )
-    frontend.start()
-    stack.workers.append(frontend)  # stopped with the stack
-    frontend.wait_ready(lambda: _healthy(port), 30)
+    _, port = stack.start_frontend()
     stack.start_worker()
     async with Client(f"http://127.0.0.1:{port}/mcp") as client:
         await _apply_one(client, prefect)
 
 
 async def test_several_http_processes_share_one_port(stack: Stack, prefect: PrefectRuns) -> None:
-    port = free_port()
-    frontend = pmq_service(
-        "http-2p",
-        ["serve", "--transport", "http", "--port", str(port), "--processes", "2"],
-        env=stack.env(),
-        log_path=stack.services.tmp / "logs" / f"http-2p-{port}.log",
-    )
-    frontend.start()
-    stack.workers.append(frontend)  # stopped with the stack
-    frontend.wait_ready(lambda: _healthy(port), 60)
+    frontend, port = stack.start_frontend("--processes", "2", timeout_s=60)
     assert frontend.proc is not None
     children = subprocess.run(
         ["pgrep", "-P", str(frontend.proc.pid)], capture_output=True, text=True, check=False
@@ -99,15 +80,8 @@ async def test_pmq_dev_runs_the_whole_stack_and_stops_cleanly(tmp_path: Path) ->
     finally:
         if dev.poll() is None:
             dev.kill()
-    assert not _healthy(port)
+    assert not http_healthy(port)
     children = subprocess.run(
         ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
     )
     assert children.stdout.strip() == "", f"left running: {children.stdout}"
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
