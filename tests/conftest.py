@@ -27,6 +27,7 @@ from worker.settings import Settings
 
 REDIS_DATABASES = 512
 _databases = itertools.count(1)
+_worker_names = itertools.count()
 
 # Fast retries so fault tests finish in seconds; every value is a real setting.
 TEST_SETTINGS: dict[str, Any] = {
@@ -95,7 +96,8 @@ class Stack:
         env = {**self.env(**overrides), **(extra_env or {})}
         if prefect_api_url:
             env["PREFECT_API_URL"] = prefect_api_url
-        name = f"worker-{self.db}-{len(self.workers)}"
+        # Unique per session: stacks on other Redis servers reuse database numbers.
+        name = f"worker-{self.db}-{next(_worker_names)}"
         worker = pmq_service(
             name, ["worker"], env=env, log_path=self.services.tmp / "logs" / f"{name}.log"
         )

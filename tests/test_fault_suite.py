@@ -117,8 +117,9 @@ def durable_stack(services: Services, tmp_path: Path) -> Iterator[tuple[Stack, R
         yield stack, redis_server
     finally:
         stack.stop()
-        assert stack.keys_without_ttl() == []
+        left = stack.keys_without_ttl()
         redis_server.stop()
+        assert left == []
 
 
 async def test_f3_redis_killed_and_restarted_mid_drain_keeps_every_acknowledged_job(

@@ -340,15 +340,17 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
         if stale:
             await applier.probe()
         try:
-            await redis.hset(  # type: ignore[misc]  # redis-py types sync and async as one
-                key,
-                mapping={
-                    "seen_ms": int(time.time() * 1000),
-                    "prefect_ok": int(applier.prefect_ok),
-                    "pid": os.getpid(),
-                },
-            )
-            await redis.pexpire(key, int(3 * settings.heartbeat_s * 1000))
+            async with redis.pipeline(transaction=True) as pipe:  # never a key without TTL
+                pipe.hset(
+                    key,
+                    mapping={
+                        "seen_ms": int(time.time() * 1000),
+                        "prefect_ok": int(applier.prefect_ok),
+                        "pid": os.getpid(),
+                    },
+                )
+                pipe.pexpire(key, int(3 * settings.heartbeat_s * 1000))
+                await pipe.execute()
         except RedisError:
             log.warning("heartbeat not recorded: Redis unavailable")
         await asyncio.sleep(settings.heartbeat_s)
@@ -405,6 +407,14 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
     return worker
 
 
+async def _close_after_lost_redis(worker: Worker) -> None:
+    """What arq's close() skips when Redis is gone: it stops at its first Redis call,
+    before on_shutdown, and this run's heartbeat would live on in the event loop the
+    next run shares. Its jobs end first: they use this run's Prefect client."""
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    await shutdown(worker.ctx)
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker until SIGINT/SIGTERM, starting over if Redis goes away.
 
@@ -413,10 +423,13 @@ def run_worker(settings: Settings) -> None:
     """
     delay_s = 0.5
     while True:
+        worker = build_worker(settings)
         try:
-            build_worker(settings).run()
+            worker.run()
             return
         except (RedisError, OSError) as exc:
             log.warning("lost Redis (%s); starting over in %.1f s", exc, delay_s)
+            with contextlib.suppress(RedisError, OSError):
+                worker.loop.run_until_complete(_close_after_lost_redis(worker))
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 10.0)
