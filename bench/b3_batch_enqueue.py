@@ -205,7 +205,18 @@ async def raw_row(
     client-side work (output-schema check, models): a load generator light enough
     that the server, not the client, sets the rate on a machine they share.
     """
-    headers = {"accept": "application/json, text/event-stream"}
+    # The 2026-07-28 per-request envelope: answered as plain JSON (SSE only for
+    # requests that get notifications, which these do not).
+    headers = {
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "submit_state_changes",
+    }
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
     shares = [calls // clients + (1 if i < calls % clients else 0) for i in range(clients)]
     bodies = [
         [
@@ -213,7 +224,11 @@ async def raw_row(
                 "jsonrpc": "2.0",
                 "id": index,
                 "method": "tools/call",
-                "params": {"name": "submit_state_changes", "arguments": batch_args(1_000)},
+                "params": {
+                    "name": "submit_state_changes",
+                    "arguments": batch_args(1_000),
+                    "_meta": meta,
+                },
             }
             for index in range(share)
         ]

@@ -49,7 +49,7 @@ def build_http_app(
     if allowed_hosts:
         security = TransportSecuritySettings(allowed_hosts=[*allowed_hosts, *LOOPBACK_HOSTS])
     app = mcp.streamable_http_app(
-        stateless_http=True, json_response=True, host=host, transport_security=security
+        stateless_http=True, json_response=False, host=host, transport_security=security
     )
     probe = FleetProbe(redis_client(settings), worker_max_age_s=3 * settings.heartbeat_s)
     app.add_route("/healthz", healthz, methods=["GET"])

@@ -7,7 +7,7 @@ name the field and the rule; anything else is logged and reported generically.
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -19,9 +19,20 @@ from pydantic import AnyHttpUrl, BaseModel, Field
 from redis.exceptions import RedisError
 
 from mcp_frontend.auth import StaticTokenVerifier, current_client
-from mcp_frontend.jobs import JobNotFound, JobService, NotCancellable
+from mcp_frontend.jobs import JobList, JobNotFound, JobService, NotCancellable
+from mcp_frontend.progress import describe
+from mcp_frontend.tasks import TasksExtension
 from mcp_frontend.waiters import TerminalWaiters
-from worker.contract import InvalidChange, JobStatus, JobTicket, RunType, StateChange
+from worker.contract import (
+    PENDING_STATUSES,
+    InvalidChange,
+    JobRecord,
+    JobStatus,
+    JobTicket,
+    RunType,
+    StateChange,
+    utcnow,
+)
 from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 from worker.store import ClientQuota, IdempotencyConflict, JobStore, QueueFull, QuotaExceeded
@@ -52,10 +63,6 @@ IdempotencyArg = Annotated[
     ),
 ]
 JobIdArg = Annotated[str, Field(description="A job id returned by a state-change tool.")]
-
-
-class JobList(BaseModel):
-    jobs: list[JobStatus]
 
 
 class TicketList(BaseModel):
@@ -124,6 +131,11 @@ def build_server(
             "at once with a job id; poll get_job (wait_s long-polls) for Prefect's answer."
         ),
         lifespan=lifespan,
+        extensions=[
+            TasksExtension(
+                result_ttl_s=settings.result_ttl_s, job_deadline_s=settings.job_deadline_s
+            )
+        ],
         **_auth_options(tokens, public_url),
     )
 
@@ -225,11 +237,16 @@ def build_server(
             ),
         ] = 0,
     ) -> JobStatus:
-        """A job's status and, once finished, Prefect's answer."""
+        """A job's status and, once finished, Prefect's answer.
+
+        While waiting, a caller that sent a progress token gets a progress
+        notification each time the job's status changes.
+        """
         service = ctx.request_context.lifespan_context
         _check_job_id(job_id, "job_id")
         if wait_s > 0:
-            return await _guard(service.wait(job_id, wait_s, current_client()))
+            on_change = _progress_reporter(ctx) if _wants_progress(ctx) else None
+            return await _guard(service.wait(job_id, wait_s, current_client(), on_change))
         return await _guard(service.get(job_id, current_client()))
 
     @mcp.tool(annotations=_READ)
@@ -262,6 +279,27 @@ def build_server(
             return JobList(jobs=[])
 
     return mcp
+
+
+def _wants_progress(ctx: Ctx) -> bool:
+    meta = ctx.request_context.meta
+    return meta is not None and meta.get("progress_token") is not None
+
+
+def _progress_reporter(ctx: Ctx) -> Callable[[JobRecord], Awaitable[None]]:
+    """Send each status the job is seen in as a progress notification, with its story."""
+    sent = 0
+
+    async def report(record: JobRecord) -> None:
+        nonlocal sent
+        service = ctx.request_context.lifespan_context
+        progress = None
+        if record.status in PENDING_STATUSES:
+            progress = await service.store.progress(record.job_id)
+        sent += 1
+        await ctx.report_progress(sent, None, describe(record, progress, utcnow()))
+
+    return report
 
 
 def _auth_options(tokens: dict[str, str] | None, public_url: str | None) -> dict[str, Any]:

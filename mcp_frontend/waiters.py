@@ -1,8 +1,8 @@
-"""Wake long-polling callers when their job turns terminal.
+"""Wake long-polling callers when their job turns terminal (or, on request, changes).
 
-One Redis subscription per frontend process carries every terminal job id;
-callers wait on in-process events. A subscription per caller would cost a
-Redis connection per waiting agent.
+One Redis subscription per frontend process carries the id of every job that
+changed status; callers wait on in-process events. A subscription per caller
+would cost a Redis connection per waiting agent.
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from worker.contract import TERMINAL_CHANNEL
+from worker.contract import STATUS_CHANNEL, TERMINAL_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
 class TerminalWaiters:
-    """Routes terminal-job notifications to the callers waiting on those ids."""
+    """Routes job-status notifications to the callers waiting on those ids."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        # The subset of `_events` that also wants non-terminal status changes.
+        self._change_events: set[asyncio.Event] = set()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -37,8 +39,8 @@ class TerminalWaiters:
                 await self._listener
 
     @contextlib.asynccontextmanager
-    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set when `job_id` is published as terminal.
+    async def watch(self, job_id: str, *, changes: bool = False) -> AsyncIterator[asyncio.Event]:
+        """An event set when `job_id` is published as terminal (with `changes`: as changed).
 
         Subscribed before it is yielded, so a caller that checks the record
         after entering cannot miss a notification sent in between.
@@ -46,9 +48,12 @@ class TerminalWaiters:
         await self._ensure_listening()
         event = asyncio.Event()
         self._events[job_id].add(event)
+        if changes:
+            self._change_events.add(event)
         try:
             yield event
         finally:
+            self._change_events.discard(event)
             waiting = self._events.get(job_id)
             if waiting is not None:
                 waiting.discard(event)
@@ -65,15 +70,11 @@ class TerminalWaiters:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(TERMINAL_CHANNEL)
+                    await pubsub.subscribe(TERMINAL_CHANNEL, STATUS_CHANNEL)
                     self._subscribed.set()
                     async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        data = message["data"]
-                        job_id = data.decode() if isinstance(data, bytes) else str(data)
-                        for event in self._events.get(job_id, ()):
-                            event.set()
+                        if message.get("type") == "message":
+                            self._route(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -85,3 +86,15 @@ class TerminalWaiters:
                         event.set()
                 self._subscribed.set()
                 await asyncio.sleep(0.5)
+
+    def _route(self, channel: bytes | str, data: bytes | str) -> None:
+        job_id = data.decode() if isinstance(data, bytes) else data
+        waiting = self._events.get(job_id)
+        if not waiting:
+            return
+        terminal = (channel.decode() if isinstance(channel, bytes) else channel) == (
+            TERMINAL_CHANNEL
+        )
+        for event in waiting:
+            if terminal or event in self._change_events:
+                event.set()

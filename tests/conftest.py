@@ -107,13 +107,15 @@ class Stack:
         worker.wait_ready(lambda: bool(self.redis.exists("arq:queue:health-check")), 60)
         return worker
 
-    def start_frontend(self, *args: str, timeout_s: float = 30.0) -> tuple[Service, int]:
+    def start_frontend(
+        self, *args: str, timeout_s: float = 30.0, **overrides: Any
+    ) -> tuple[Service, int]:
         """`pmq serve --transport http` on a free port (plus `args`); stopped with the stack."""
         port = free_port()
         frontend = pmq_service(
             f"http-{port}",
             ["serve", "--transport", "http", "--port", str(port), *args],
-            env=self.env(),
+            env=self.env(**overrides),
             log_path=self.services.tmp / "logs" / f"http-{port}.log",
         )
         frontend.start()

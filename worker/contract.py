@@ -27,7 +27,9 @@ RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
 STATS_TOTAL_KEY = "pmq:stats:total"  # hash: enqueued, applied, rejected, failed, cancelled, retried
 STATS_LIVE_KEY = "pmq:stats:live"  # hash: jobs now queued, running, waiting
 WORKER_KEY_PREFIX = "pmq:worker:"  # one heartbeat hash per live worker process
-TERMINAL_CHANNEL = "pmq:events:terminal"
+TERMINAL_CHANNEL = "pmq:events:terminal"  # the id of each job that turned terminal
+STATUS_CHANNEL = "pmq:events:status"  # the id of each job that changed to a non-terminal status
+BATCH_KEY_PREFIX = "pmq:batch:"  # a batch submitted as one MCP task: its job ids
 
 
 def job_key(job_id: str) -> str:
@@ -36,6 +38,11 @@ def job_key(job_id: str) -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_batch_id() -> str:
+    # Its own prefix: a batch answers tasks/get, never get_job.
+    return "batch-" + uuid.uuid4().hex
 
 
 def utcnow() -> datetime:
@@ -343,6 +350,16 @@ class JobStatus(BaseModel):
     @classmethod
     def of(cls, record: JobRecord) -> JobStatus:
         return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
+
+
+class Batch(BaseModel):
+    """Jobs queued by one `submit_state_changes` call that a client follows as one MCP task."""
+
+    batch_id: str
+    client_id: str
+    job_ids: list[str]
+    created_at: datetime
+    cancel_requested: bool = False
 
 
 def json_serializer(obj: Any) -> bytes:

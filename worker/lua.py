@@ -157,7 +157,8 @@ return out
 
 # KEYS: record
 # ARGV: record prefix, grace ms, allowed statuses (space-separated), next check
-#       time (ISO, shown while parked), then claim field/value pairs (status included).
+#       time (ISO, shown while parked), status channel, job id, then claim
+#       field/value pairs (status included).
 # Returns {"claimed"} | {"blocked", predecessor id} | {"skip", status} | {"gone"}
 CLAIM = (
     _HELPERS
@@ -174,11 +175,13 @@ local prev = blocker(P, rec, now_ms(), tonumber(ARGV[2]))
 if prev then
   redis.call("HSET", rec, "status", "waiting", "blocked_on", prev, "next_attempt_at", ARGV[4])
   moved(current, "waiting")
+  redis.call("PUBLISH", ARGV[5], ARGV[6])
   return {"blocked", prev}
 end
 redis.call("HDEL", rec, "blocked_on", "next_attempt_at")
-redis.call("HSET", rec, unpack(ARGV, 5, #ARGV))
+redis.call("HSET", rec, unpack(ARGV, 7, #ARGV))
 moved(current, "running")
+redis.call("PUBLISH", ARGV[5], ARGV[6])
 return {"claimed"}
 """
 )
@@ -201,7 +204,7 @@ return 1
 
 # KEYS: record, arq queue
 # ARGV: record prefix, client prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
-#       channel to publish the job id on ("" = none), job id, number of fields to
+#       channel to publish the job id on, job id, number of fields to
 #       delete, those fields, then field/value pairs to set (status included).
 # Returns {1, status} when applied, {0, current status or ""} when not.
 TRANSITION = (
@@ -227,8 +230,31 @@ if is_terminal(status) then
   if client then redis.call("ZREM", C .. client .. ":pending", ARGV[6]) end
 end
 if tonumber(ARGV[4]) > 0 then redis.call("PEXPIRE", rec, ARGV[4]) end
-if ARGV[5] ~= "" then redis.call("PUBLISH", ARGV[5], ARGV[6]) end
+redis.call("PUBLISH", ARGV[5], ARGV[6])
 return {1, status}
+"""
+)
+
+# What a caller waits for, for progress messages: the unfinished earlier changes to
+# the same run (up to a cap), and the job's place in the arq queue (-1 if not there).
+# KEYS: record, arq queue   ARGV: record prefix, cap, job id
+PROGRESS = (
+    _HELPERS
+    + """
+local P, cap = ARGV[1], tonumber(ARGV[2])
+local ahead, steps = 0, 0
+local prev = redis.call("HGET", KEYS[1], "prev_job_id")
+while prev and steps < cap do
+  local p = redis.call("HMGET", P .. prev, "status", "prev_job_id")
+  if not p[1] then break end
+  -- An earlier change that finished means every change before it finished too;
+  -- a cancelled one says nothing about those before it.
+  if is_terminal(p[1]) and p[1] ~= "cancelled" then break end
+  if p[1] ~= "cancelled" then ahead = ahead + 1 end
+  prev, steps = p[2], steps + 1
+end
+local rank = redis.call("ZRANK", KEYS[2], ARGV[3])
+return {ahead, rank or -1}
 """
 )
 

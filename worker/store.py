@@ -20,12 +20,15 @@ from redis.asyncio import Redis
 from worker import lua
 from worker.contract import (
     APPLY_STATE_CHANGE,
+    BATCH_KEY_PREFIX,
     CLIENT_KEY_PREFIX,
     IDEMPOTENCY_KEY_PREFIX,
     JOB_KEY_PREFIX,
     RATE_LIMIT_KEY,
     RUN_KEY_PREFIX,
+    STATUS_CHANNEL,
     TERMINAL_CHANNEL,
+    Batch,
     JobRecord,
     Status,
     fields_to_hash,
@@ -110,6 +113,7 @@ class JobStore:
         self._claim = redis.register_script(lua.CLAIM)
         self._recheck = redis.register_script(lua.RECHECK)
         self._transition = redis.register_script(lua.TRANSITION)
+        self._progress = redis.register_script(lua.PROGRESS)
 
     @property
     def pending_ttl_ms(self) -> int:
@@ -223,6 +227,8 @@ class JobStore:
                 self.gate_grace_ms,
                 " ".join(s.value for s in allowed),
                 recheck_at.isoformat(),
+                STATUS_CHANNEL,
+                job_id,
                 *_flatten(encoded),
             ],
         )
@@ -265,7 +271,7 @@ class JobStore:
                 CLIENT_KEY_PREFIX,
                 " ".join(s.value for s in allowed),
                 self.result_ttl_s * 1000 if terminal else 0,
-                TERMINAL_CHANNEL if terminal else "",
+                TERMINAL_CHANNEL if terminal else STATUS_CHANNEL,
                 job_id,
                 len(clear),
                 *clear,
@@ -274,6 +280,36 @@ class JobStore:
         )
         current = _text(reply[1])
         return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
+
+    async def progress(self, job_id: str, *, cap: int = 100) -> Progress:
+        """What the job waits for: unfinished earlier changes to its run, its queue place."""
+        ahead, rank = await self._progress(
+            keys=[job_key(job_id), self.queue_name], args=[JOB_KEY_PREFIX, cap, job_id]
+        )
+        return Progress(ahead_in_run=int(ahead), capped=int(ahead) >= cap, queue_rank=int(rank))
+
+    async def save_batch(self, batch: Batch) -> None:
+        """Remember a batch's job ids for as long as any of its jobs can live."""
+        await self.redis.set(
+            BATCH_KEY_PREFIX + batch.batch_id, batch.model_dump_json(), px=self.pending_ttl_ms
+        )
+
+    async def mark_batch_cancelled(self, batch: Batch) -> None:
+        updated = batch.model_copy(update={"cancel_requested": True})
+        await self.redis.set(
+            BATCH_KEY_PREFIX + batch.batch_id, updated.model_dump_json(), keepttl=True, xx=True
+        )
+
+    async def load_batch(self, batch_id: str) -> Batch | None:
+        data = await self.redis.get(BATCH_KEY_PREFIX + batch_id)
+        return Batch.model_validate_json(data) if data else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    ahead_in_run: int  # unfinished earlier changes to the same run
+    capped: bool  # there may be more than `ahead_in_run`
+    queue_rank: int  # jobs ahead in the arq queue; -1 when not queued
 
 
 class RateLimiter:
