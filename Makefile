@@ -14,19 +14,27 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## Debian's docker-compose parses compose.yaml in the tests (no Docker engine needed).
+## Debian's docker-compose parses compose.yaml in the tests (no Docker engine needed);
+## Debian's chromium loads /dashboard in tests/test_dashboard.py.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	  else echo "note: no docker-compose and no root to install it: compose parser tests will skip"; fi; }
+	@[ -x /usr/bin/chromium ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "note: no /usr/bin/chromium and no root to install it: the dashboard test will fail"; fi; }
 
 ## The whole stack on this machine: Redis, a Prefect server, a worker, the MCP frontend.
 dev: install
 	$(BIN)/pmq dev
 
 ## Lint, type-check and the test suite (real Redis and Prefect, started by the tests).
-test: lint typecheck pytest
+## In parallel: ruff and mypy run while the tests wait on their servers.
+test: install tools
+	$(MAKE) -j3 --output-sync=target lint typecheck pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,6 +53,7 @@ bench: install
 	$(BIN)/python bench/b2_throughput.py
 	$(BIN)/python bench/b3_batch_enqueue.py
 	$(BIN)/python bench/b4_redis_cost.py
+	$(BIN)/python bench/b5_tasks.py
 	$(BIN)/python bench/summary.py > bench/results/summary.md
 	@cat bench/results/summary.md
 

@@ -72,6 +72,11 @@ def main() -> None:
         body = markdown(rows, ["phase", "commands", "bytes in", "bytes out"])
         body += f"\n\nMemory per pending job: {b4['memory']['bytes_per_pending_job']:,.0f} B."
         parts.append(section(b4, "B4 Redis cost per job", body))
+    if b5 := load("b5_tasks"):
+        body = markdown(b5["answer"], ["call", "p50_ms", "p99_ms"]) + "\n\n"
+        cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p99_ms"]
+        body += markdown(b5["follow"], cols)
+        parts.append(section(b5, "B5 MCP tasks", body))
     if not parts:
         sys.exit("no results yet: run `make bench`")
     print("\n".join(parts))

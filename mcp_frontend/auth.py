@@ -14,7 +14,8 @@ from pathlib import Path
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 
-LOCAL_CLIENT = "local"
+from worker.contract import LOCAL_CLIENT
+
 MIN_TOKEN_CHARS = 16
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -1,26 +1,31 @@
-"""`pmq`: serve the MCP frontend, run a worker, or run the whole stack locally."""
+"""`pmq`: serve the MCP frontend, run a worker, or run the whole stack locally.
+
+The MCP SDK, uvicorn and Prefect are imported by the commands that use them,
+so that `pmq jobs` and `pmq health` (run by scripts and container health
+checks, often) start in about a second.
+"""
+
+from __future__ import annotations
 
 import asyncio
 import enum
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 import typer
-import uvicorn
 from redis.exceptions import RedisError
-from starlette.applications import Starlette
 
-from mcp_frontend.auth import TokenConfigError, load_tokens
 from mcp_frontend.devstack import StartupError, client_config, dev_stack
-from mcp_frontend.health import FleetProbe
-from mcp_frontend.http import UnsafeBind, build_http_app, check_bind
+from mcp_frontend.jobs_cli import jobs
 from mcp_frontend.logs import configure_logging
-from mcp_frontend.server import build_server
 from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 app = typer.Typer(
     help="prefect-mcp-queue: queue Prefect state changes for fleets of agents.",
@@ -30,6 +35,7 @@ app = typer.Typer(
 
 health = typer.Typer(help="Health checks for container orchestrators: exit 0 when healthy.")
 app.add_typer(health, name="health")
+app.add_typer(jobs, name="jobs")
 
 
 class Transport(enum.StrEnum):
@@ -58,6 +64,12 @@ def serve(
     ] = None,
 ) -> None:
     """Run the MCP frontend."""
+    import uvicorn
+
+    from mcp_frontend.auth import TokenConfigError, load_tokens
+    from mcp_frontend.http import UnsafeBind, check_bind
+    from mcp_frontend.server import build_server
+
     settings = Settings()
     if transport is Transport.stdio:
         _logging(settings)
@@ -93,14 +105,19 @@ def serve(
 
 
 def _http_app(settings: Settings, tokens: dict[str, str], host: str, port: int) -> Starlette:
+    from mcp_frontend.http import build_http_app
+    from mcp_frontend.server import build_server
+
     public_url = settings.public_url or f"http://{host}:{port}"
     mcp = build_server(settings, tokens=tokens, public_url=public_url)
     allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
-    return build_http_app(mcp, settings, host=host, allowed_hosts=allowed)
+    return build_http_app(mcp, settings, host=host, allowed_hosts=allowed, tokens=tokens)
 
 
 def http_app_factory() -> Starlette:
     """The HTTP app of one process of `pmq serve --processes N` (checked by the parent)."""
+    from mcp_frontend.auth import load_tokens
+
     settings = Settings()
     tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
     _logging(settings, tokens)
@@ -166,6 +183,8 @@ def signal_wait() -> None:
 @health.command("worker")
 def health_worker() -> None:
     """Healthy when a worker on this host has a fresh heartbeat in Redis."""
+    from mcp_frontend.health import FleetProbe
+
     settings = Settings()
 
     async def fresh() -> bool:

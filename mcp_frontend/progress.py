@@ -17,13 +17,15 @@ from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, ErrorCode, JobRecor
 from worker.store import Progress
 
 MIN_POLL_S = 0.25
-MAX_POLL_S = 5.0
+MAX_POLL_S = 3.0
+UNKNOWN_DUE_S = 3.0  # no recent rate to go by: ask again in about a second
+STALE_S = 10.0  # a rate measured over a longer gap says little about now
 _FINISHED = ("applied", "rejected", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
 class Drain:
-    jobs_per_s: float  # jobs the fleet finished per second lately; 0 before two samples
+    jobs_per_s: float | None  # jobs the fleet finished per second lately; None: unknown
     queued: int  # jobs waiting for a worker right now
 
 
@@ -38,7 +40,7 @@ class DrainGauge:
         self._redis = redis
         self._every_s = every_s
         self._last: tuple[float, int] | None = None  # (monotonic time, finished total)
-        self._drain = Drain(0.0, 0)
+        self._drain = Drain(None, 0)
 
     async def read(self) -> Drain:
         now = time.monotonic()
@@ -49,8 +51,8 @@ class DrainGauge:
             pipe.hget(STATS_LIVE_KEY, "queued")
             totals, queued = await pipe.execute()
         finished = sum(int(n or 0) for n in totals)
-        rate = 0.0
-        if self._last is not None:
+        rate = None
+        if self._last is not None and now - self._last[0] <= STALE_S:
             rate = max(0.0, finished - self._last[1]) / (now - self._last[0])
         self._last = (now, finished)
         self._drain = Drain(rate, max(0, int(queued or 0)))
@@ -60,20 +62,23 @@ class DrainGauge:
 def poll_interval_ms(
     drain: Drain, *, jobs_ahead: int, next_attempt_in_s: float | None = None
 ) -> int:
-    """Ask again about when the answer is half-way due, within 0.25-5 s.
+    """Ask again about a third of the way to when the answer is due, within 0.25-3 s.
 
     A job deferred to a known time is due then; otherwise it is due when the
-    fleet, at its recent rate, has finished the jobs ahead of it.
+    fleet, at its recent rate, has finished the jobs ahead of it. A third keeps
+    the wait after the answer short (B5 in the README) at two or three polls.
     """
     if next_attempt_in_s is not None and next_attempt_in_s > 0:
         due_s = next_attempt_in_s
+    elif jobs_ahead == 0:
+        due_s = 0.0  # next in line: a worker takes it at once
+    elif drain.jobs_per_s is None:
+        due_s = UNKNOWN_DUE_S
     elif drain.jobs_per_s > 0:
         due_s = (jobs_ahead + 1) / drain.jobs_per_s
-    elif jobs_ahead == 0:
-        due_s = 0.0  # an idle fleet picks it up at once
     else:
-        due_s = 2 * MAX_POLL_S  # nothing finished lately: workers busy or gone
-    return round(min(max(due_s / 2, MIN_POLL_S), MAX_POLL_S) * 1000)
+        due_s = 3 * MAX_POLL_S  # nothing finished lately: workers busy or gone
+    return round(min(max(due_s / 3, MIN_POLL_S), MAX_POLL_S) * 1000)
 
 
 def describe(record: JobRecord, progress: Progress | None, now: datetime) -> str:

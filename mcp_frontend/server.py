@@ -10,7 +10,6 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-import anyio
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -19,10 +18,17 @@ from pydantic import AnyHttpUrl, BaseModel, Field
 from redis.exceptions import RedisError
 
 from mcp_frontend.auth import StaticTokenVerifier, current_client
-from mcp_frontend.jobs import JobList, JobNotFound, JobService, NotCancellable
+from mcp_frontend.jobs import (
+    MAX_LIST,
+    JobList,
+    JobNotFound,
+    JobQuery,
+    JobService,
+    NotCancellable,
+    open_job_service,
+)
 from mcp_frontend.progress import describe
 from mcp_frontend.tasks import TasksExtension
-from mcp_frontend.waiters import TerminalWaiters
 from worker.contract import (
     PENDING_STATUSES,
     InvalidChange,
@@ -33,9 +39,8 @@ from worker.contract import (
     StateChange,
     utcnow,
 )
-from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
-from worker.store import ClientQuota, IdempotencyConflict, JobStore, QueueFull, QuotaExceeded
+from worker.store import IdempotencyConflict, QueueFull, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +105,8 @@ def build_server(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
-        redis = redis_client(settings)
-        # The subscription idles for long stretches, so it gets no read timeout.
-        events = redis_client(settings, read_timeout=False)
-        store = JobStore(
-            redis,
-            result_ttl_s=settings.result_ttl_s,
-            job_deadline_s=settings.job_deadline_s,
-            max_queue_depth=settings.max_queue_depth,
-            quota=ClientQuota(
-                max_pending=settings.client_max_pending,
-                max_rps=settings.client_max_rps,
-                burst=settings.client_burst,
-            ),
-        )
-        waiters = TerminalWaiters(events)
-        try:
-            yield JobService(store, waiters, max_wait_s=settings.max_wait_s)
-        finally:
-            # Shielded: a server shut down by cancellation must still close its sockets.
-            with anyio.CancelScope(shield=True):
-                await waiters.aclose()
-                await close_redis(redis)
-                await close_redis(events)
+        async with open_job_service(settings) as service:
+            yield service
 
     mcp = MCPServer(
         "prefect-mcp-queue",
@@ -264,6 +248,34 @@ def build_server(
                 ctx.request_context.lifespan_context.get_many(job_ids, current_client())
             )
         )
+
+    @mcp.tool(annotations=_READ)
+    async def list_jobs(
+        ctx: Ctx,
+        status: Annotated[
+            list[str] | None,
+            Field(description="Only jobs in these statuses, e.g. ['failed', 'rejected']."),
+        ] = None,
+        run_id: Annotated[str | None, Field(description="Only changes to this run.")] = None,
+        since: Annotated[
+            str | None,
+            Field(description="Only jobs queued since: 90s, 15m, 2h, 1d, or an ISO 8601 time."),
+        ] = None,
+        limit: Annotated[int, Field(description=f"At most this many (1 to {MAX_LIST}).")] = 50,
+    ) -> JobList:
+        """Your newest jobs, newest first, filtered; failures come with Prefect's reasons."""
+        try:
+            query = JobQuery.parse(
+                statuses=status or (),
+                run_id=run_id,
+                client_id=current_client(),
+                since=since,
+                limit=limit,
+            )
+        except InvalidChange as exc:
+            raise ToolError(f"invalid {exc.field}: {exc.rule}") from exc
+        records = await _guard(ctx.request_context.lifespan_context.find(query))
+        return JobList(jobs=[JobStatus.of(record) for record in records])
 
     @mcp.tool(annotations=_CANCEL)
     async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:

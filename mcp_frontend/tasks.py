@@ -51,7 +51,7 @@ Ctx = ServerRequestContext[JobService, Any]
 
 
 class TaskIdParams(RequestParams):
-    task_id: str = Field(alias="taskId")
+    task_id: str = Field(alias="taskId", max_length=200)
 
 
 class UpdateTaskParams(TaskIdParams):
@@ -90,7 +90,7 @@ class TasksExtension(Extension):
         try:
             drain = await service.drain.read()
         except RedisError:
-            drain = Drain(0.0, 0)  # the change is queued: answer without the estimate
+            drain = Drain(None, 0)  # the change is queued: answer without the estimate
         if params.name == BATCH_TOOL:
             job_ids = [ticket["job_id"] for ticket in tickets["jobs"]]
             try:
@@ -114,7 +114,10 @@ class TasksExtension(Extension):
         """The task as first answered. A repeated idempotency key may name a finished job."""
         pending = sum(1 for status in statuses if not status.is_terminal)
         if pending:
-            status, message = "working", f"queued: {pending} of {len(statuses)} to apply"
+            status = "working"
+            message = (
+                f"queued: {pending} of {len(statuses)} to apply" if len(statuses) > 1 else "queued"
+            )
         elif statuses == [Status.CANCELLED]:
             status, message = "cancelled", "cancelled before this call: a repeated key"
         else:

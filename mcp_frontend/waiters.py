@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from redis.asyncio import Redis
 
@@ -59,6 +59,23 @@ class TerminalWaiters:
                 waiting.discard(event)
                 if not waiting:
                     del self._events[job_id]
+
+    @contextlib.asynccontextmanager
+    async def watch_any(self, job_ids: Sequence[str]) -> AsyncIterator[asyncio.Event]:
+        """One event, set when any of `job_ids` is published as terminal."""
+        await self._ensure_listening()
+        event = asyncio.Event()
+        for job_id in job_ids:
+            self._events[job_id].add(event)
+        try:
+            yield event
+        finally:
+            for job_id in job_ids:
+                waiting = self._events.get(job_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._events[job_id]
 
     async def _ensure_listening(self) -> None:
         if self._listener is None or self._listener.done():

@@ -42,6 +42,7 @@ from tests.conftest import Stack
 from worker.contract import (
     IDEMPOTENCY_KEY_PREFIX,
     JOB_KEY_PREFIX,
+    RECENT_KEY,
     RUN_KEY_PREFIX,
     STATS_LIVE_KEY,
     STATS_TOTAL_KEY,
@@ -736,8 +737,12 @@ def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
             assert run_type in ("task", "flow") and canonical_run_id(run_id) == run_id, key
             assert cast(bytes, redis.hget(key, "last")).decode() in fuzzer.jobs, key
         else:
-            assert key in (default_queue_name, STATS_TOTAL_KEY, STATS_LIVE_KEY), key
+            assert key in (default_queue_name, STATS_TOTAL_KEY, STATS_LIVE_KEY, RECENT_KEY), key
     assert records == set(fuzzer.jobs)
+    # The recent-jobs index holds the newest accepted jobs and nothing else.
+    recent = {member.decode() for member in cast(list[bytes], redis.zrange(RECENT_KEY, 0, -1))}
+    assert recent <= set(fuzzer.jobs)
+    assert len(recent) == min(len(fuzzer.jobs), stack.settings.recent_jobs)
     assert payloads == set(fuzzer.jobs)
     assert keys == fuzzer.keys
     assert all(KEY_RULE.fullmatch(key) for key in keys)

@@ -72,10 +72,10 @@ def test_finished_jobs_say_what_prefect_decided() -> None:
 
 
 def test_poll_interval_follows_the_drain_rate_within_bounds() -> None:
-    # 100 ahead at 50 jobs/s: due in about 2 s, so ask again in about 1 s.
-    assert poll_interval_ms(Drain(50.0, 100), jobs_ahead=100) == 1010
+    # 100 ahead at 50 jobs/s: due in about 2 s, so ask again in about 0.7 s.
+    assert poll_interval_ms(Drain(50.0, 100), jobs_ahead=100) == 673
     assert poll_interval_ms(Drain(1000.0, 0), jobs_ahead=0) == 250  # floor
-    assert poll_interval_ms(Drain(1.0, 10_000), jobs_ahead=10_000) == 5000  # ceiling
-    assert poll_interval_ms(Drain(0.0, 0), jobs_ahead=0) == 250  # idle fleet: at once
-    assert poll_interval_ms(Drain(0.0, 5), jobs_ahead=5) == 5000  # nothing draining
-    assert poll_interval_ms(Drain(50.0, 0), jobs_ahead=0, next_attempt_in_s=3.0) == 1500
+    assert poll_interval_ms(Drain(1.0, 10_000), jobs_ahead=10_000) == 3000  # ceiling
+    assert poll_interval_ms(Drain(None, 5), jobs_ahead=5) == 1000  # no rate measured yet
+    assert poll_interval_ms(Drain(0.0, 5), jobs_ahead=5) == 3000  # nothing draining
+    assert poll_interval_ms(Drain(50.0, 0), jobs_ahead=0, next_attempt_in_s=3.0) == 1000

@@ -157,10 +157,11 @@ async def test_tool_annotations_tell_the_truth(stack: Stack) -> None:
         "get_job",
         "get_jobs",
         "cancel_job",
+        "list_jobs",
     }
     hints = {name: tool.annotations for name, tool in tools.items()}
     assert all(hint is not None for hint in hints.values())
     read_only = {name for name, hint in hints.items() if hint and hint.read_only_hint}
-    assert read_only == {"get_job", "get_jobs"}
+    assert read_only == {"get_job", "get_jobs", "list_jobs"}
     for name in ("set_task_run_state", "get_job"):
         assert tools[name].output_schema is not None

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import statistics
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -316,6 +317,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         job_deadline_s=settings.job_deadline_s,
         max_queue_depth=settings.max_queue_depth,
         gate_grace_s=settings.job_timeout_s,
+        recent_jobs=settings.recent_jobs,
     )
 
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
@@ -347,6 +349,10 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
                         "seen_ms": int(time.time() * 1000),
                         "prefect_ok": int(applier.prefect_ok),
                         "pid": os.getpid(),
+                        # Median of its latest Prefect calls; -1 before the first.
+                        "prefect_ms": round(statistics.median(applier.recent_latencies_s) * 1000)
+                        if applier.recent_latencies_s
+                        else -1,
                     },
                 )
                 pipe.pexpire(key, int(3 * settings.heartbeat_s * 1000))

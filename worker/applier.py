@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
@@ -154,6 +155,8 @@ class PrefectApplier:
         # What the last call told us about Prefect, for the worker's heartbeat.
         self.prefect_ok = False
         self.last_answer_at: float | None = None
+        # The latest calls' latencies, for the heartbeat (`pmq jobs watch`, the dashboard).
+        self.recent_latencies_s: deque[float] = deque(maxlen=100)
 
     async def _throttle(self) -> None:
         """Take one call from the shared budget, waiting briefly or raising RateLimited."""
@@ -198,6 +201,7 @@ class PrefectApplier:
     async def _observed(self, call: str, outcome: str, started: float, *, overloaded: bool) -> None:
         latency_s = time.monotonic() - started
         PREFECT_CALL_SECONDS.labels(call, outcome).observe(latency_s)
+        self.recent_latencies_s.append(latency_s)
         if self.concurrency is not None:
             await self.concurrency.observe(latency_s, overloaded=overloaded)
 

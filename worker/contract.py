@@ -27,9 +27,13 @@ RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
 STATS_TOTAL_KEY = "pmq:stats:total"  # hash: enqueued, applied, rejected, failed, cancelled, retried
 STATS_LIVE_KEY = "pmq:stats:live"  # hash: jobs now queued, running, waiting
 WORKER_KEY_PREFIX = "pmq:worker:"  # one heartbeat hash per live worker process
+# Who owns jobs created without a token: stdio, a loopback HTTP bind, `pmq jobs`.
+LOCAL_CLIENT = "local"
 TERMINAL_CHANNEL = "pmq:events:terminal"  # the id of each job that turned terminal
 STATUS_CHANNEL = "pmq:events:status"  # the id of each job that changed to a non-terminal status
 BATCH_KEY_PREFIX = "pmq:batch:"  # a batch submitted as one MCP task: its job ids
+RECENT_KEY = "pmq:recent"  # sorted set: the newest job ids by enqueue time (ms)
+FAILURES_KEY = "pmq:recent:failures"  # sorted set: rejected and failed job ids by finish time
 
 
 def job_key(job_id: str) -> str:
@@ -120,6 +124,19 @@ class InvalidChange(ValueError):
         self.rule = rule
 
 
+def parse_run_id(run_id: str, field: str = "run_id") -> str:
+    """A run id in Prefect's canonical form; `InvalidChange` naming `field` if it is not a UUID."""
+    try:
+        if not _UUID_TEXT_RE.match(run_id):
+            raise ValueError(run_id)
+        return str(uuid.UUID(run_id))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidChange(
+            field,
+            f"must be a UUID like 1b4e28ba-2fa1-11d2-883f-0016d3cca427, got {run_id!r:.60}",
+        ) from None
+
+
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")  # \Z: `$` allows a final newline
 
 # A UUID's textual forms: hyphenated or 32 hex digits, optionally in braces or a URN.
@@ -168,15 +185,7 @@ class StateChange(BaseModel):
             kind = RunType(run_type)
         except ValueError:
             raise InvalidChange("run_type", "must be 'task' or 'flow'") from None
-        try:
-            if not _UUID_TEXT_RE.match(run_id):
-                raise ValueError(run_id)
-            canonical_id = str(uuid.UUID(run_id))
-        except (ValueError, AttributeError, TypeError):
-            raise InvalidChange(
-                run_id_field,
-                f"must be a UUID like 1b4e28ba-2fa1-11d2-883f-0016d3cca427, got {run_id!r:.60}",
-            ) from None
+        canonical_id = parse_run_id(run_id, run_id_field)
         try:
             state_type = StateType(state.strip().upper())
         except (ValueError, AttributeError):
@@ -245,6 +254,7 @@ class JobRecord(StateChange):
     next_attempt_at: datetime | None = None
     orchestration: Orchestration | None = None
     error: JobError | None = None
+    retry_of: str | None = None  # the rejected or failed job this one submits again
 
     @field_validator("orchestration", "error", mode="before")
     @classmethod
@@ -258,10 +268,17 @@ class JobRecord(StateChange):
 
     @classmethod
     def new(
-        cls, change: StateChange, *, enqueued_at: datetime, deadline_s: float, client_id: str
+        cls,
+        change: StateChange,
+        *,
+        enqueued_at: datetime,
+        deadline_s: float,
+        client_id: str,
+        retry_of: str | None = None,
     ) -> JobRecord:
         return cls(
             job_id=new_job_id(),
+            retry_of=retry_of,
             client_id=client_id,
             status=Status.QUEUED,
             transition_id=str(uuid.uuid4()),
@@ -346,6 +363,7 @@ class JobStatus(BaseModel):
     next_attempt_at: datetime | None
     orchestration: Orchestration | None
     error: JobError | None
+    retry_of: str | None = Field(None, description="The job this one submits again, if any.")
 
     @classmethod
     def of(cls, record: JobRecord) -> JobStatus:

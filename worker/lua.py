@@ -74,29 +74,31 @@ local function moved(from, to)
 end
 """.replace("STATS_LIVE", STATS_LIVE_KEY).replace("STATS_TOTAL", STATS_TOTAL_KEY)
 
-# KEYS: arq queue, the client's pending set, the client's rate key
+# KEYS: arq queue, the client's pending set, the client's rate key, the recent-jobs index
 # ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
 #       idempotency prefix, client max pending (0 = none), client rate interval ms
-#       (0 = none), client burst ms, then one JSON item per change:
+#       (0 = none), client burst ms, jobs the index keeps, then one JSON item per change:
 #       {"id", "payload", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
 # Returns {"full"} | {"conflict", index, existing id} | {"pending", count} |
 #         {"rate", wait ms} | {"ok", {kind, id, seq}, ...} with kind "new" or "duplicate"
 ENQUEUE = (
     _HELPERS
     + """
-local Q, PENDING, RATE = KEYS[1], KEYS[2], KEYS[3]
+local Q, PENDING, RATE, RECENT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
 local P, J, R, I = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local max_pending, interval, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local keep = tonumber(ARGV[10])
+local FIRST = 11
 local items, fresh = {}, 0
-for i = 10, #ARGV do
+for i = FIRST, #ARGV do
   local item = cjson.decode(ARGV[i])
   if item.idem ~= "" then
     local existing = redis.call("GET", I .. item.idem)
     if existing then
       local fp = redis.call("HGET", P .. existing, "fingerprint")
       if fp then
-        if fp ~= item.fp then return {"conflict", i - 10, existing} end
+        if fp ~= item.fp then return {"conflict", i - FIRST, existing} end
         item.existing = existing
       end
     end
@@ -144,12 +146,17 @@ for _, item in ipairs(items) do
       redis.call("ZADD", PENDING, item.deadline, item.id)
       redis.call("PEXPIRE", PENDING, ttl)
     end
+    if keep > 0 then redis.call("ZADD", RECENT, now, item.id) end
     out[#out + 1] = {"new", item.id, seq}
   end
 end
 if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
   count_total("enqueued", fresh)
   count_live("queued", fresh)
+  if keep > 0 then
+    redis.call("ZREMRANGEBYRANK", RECENT, 0, -keep - 1)
+    redis.call("PEXPIRE", RECENT, ttl)
+  end
 end
 return out
 """
@@ -202,10 +209,10 @@ return 1
 """
 )
 
-# KEYS: record, arq queue
+# KEYS: record, arq queue, the recent-failures index
 # ARGV: record prefix, client prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
-#       channel to publish the job id on, job id, number of fields to
-#       delete, those fields, then field/value pairs to set (status included).
+#       channel to publish the job id on, job id, jobs the failures index keeps, number
+#       of fields to delete, those fields, then field/value pairs to set (status included).
 # Returns {1, status} when applied, {0, current status or ""} when not.
 TRANSITION = (
     _HELPERS
@@ -218,9 +225,9 @@ for s in string.gmatch(ARGV[3], "%S+") do
   if s == current then allowed = true end
 end
 if not allowed then return {0, current} end
-local ndel = tonumber(ARGV[7])
-if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 8, 7 + ndel)) end
-local first = 8 + ndel
+local ndel = tonumber(ARGV[8])
+if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 9, 8 + ndel)) end
+local first = 9 + ndel
 if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
 local status = redis.call("HGET", rec, "status")
 moved(current, status)
@@ -228,6 +235,12 @@ if is_terminal(status) then
   wake_successor(P, KEYS[2], rec, now_ms())
   local client = redis.call("HGET", rec, "client_id")
   if client then redis.call("ZREM", C .. client .. ":pending", ARGV[6]) end
+  local keep = tonumber(ARGV[7])
+  if keep > 0 and (status == "rejected" or status == "failed") then
+    redis.call("ZADD", KEYS[3], now_ms(), ARGV[6])
+    redis.call("ZREMRANGEBYRANK", KEYS[3], 0, -keep - 1)
+    redis.call("PEXPIRE", KEYS[3], ARGV[4])
+  end
 end
 if tonumber(ARGV[4]) > 0 then redis.call("PEXPIRE", rec, ARGV[4]) end
 redis.call("PUBLISH", ARGV[5], ARGV[6])

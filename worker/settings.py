@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         100_000, gt=0, description="Enqueue answers 'queue full' at this many jobs in the queue."
     )
+    recent_jobs: int = Field(
+        10_000,
+        ge=0,
+        description="Newest jobs (and newest failures) that `list_jobs`, `pmq jobs list` and "
+        "the dashboard can see; 0 = keep no index.",
+    )
     client_max_pending: int | None = Field(
         None, ge=1, description="Most unfinished jobs one client may have; unset = no limit."
     )

@@ -22,9 +22,11 @@ from worker.contract import (
     APPLY_STATE_CHANGE,
     BATCH_KEY_PREFIX,
     CLIENT_KEY_PREFIX,
+    FAILURES_KEY,
     IDEMPOTENCY_KEY_PREFIX,
     JOB_KEY_PREFIX,
     RATE_LIMIT_KEY,
+    RECENT_KEY,
     RUN_KEY_PREFIX,
     STATUS_CHANNEL,
     TERMINAL_CHANNEL,
@@ -101,8 +103,10 @@ class JobStore:
         gate_grace_s: float = 0.0,
         quota: ClientQuota = ClientQuota(),
         queue_name: str = default_queue_name,
+        recent_jobs: int = 10_000,
     ) -> None:
         self.redis = redis
+        self.recent_jobs = recent_jobs  # how many of the newest jobs the indexes keep
         self.result_ttl_s = result_ttl_s
         self.job_deadline_s = job_deadline_s
         self.max_queue_depth = max_queue_depth
@@ -146,6 +150,7 @@ class JobStore:
                 self.queue_name,
                 f"{CLIENT_KEY_PREFIX}{client}:pending",
                 f"{CLIENT_KEY_PREFIX}{client}:rate",
+                RECENT_KEY,
             ],
             args=[
                 self.max_queue_depth,
@@ -157,6 +162,7 @@ class JobStore:
                 quota.max_pending or 0,
                 interval_ms,
                 interval_ms * quota.burst,
+                self.recent_jobs,
                 *items,
             ],
         )
@@ -265,7 +271,7 @@ class JobStore:
         encoded = fields_to_hash({**(set_fields or {}), "status": status.value})
         clear = list(clear_fields)
         reply = await self._transition(
-            keys=[job_key(job_id), self.queue_name],
+            keys=[job_key(job_id), self.queue_name, FAILURES_KEY],
             args=[
                 JOB_KEY_PREFIX,
                 CLIENT_KEY_PREFIX,
@@ -273,6 +279,7 @@ class JobStore:
                 self.result_ttl_s * 1000 if terminal else 0,
                 TERMINAL_CHANNEL if terminal else STATUS_CHANNEL,
                 job_id,
+                self.recent_jobs,
                 len(clear),
                 *clear,
                 *_flatten(encoded),
@@ -287,6 +294,19 @@ class JobStore:
             keys=[job_key(job_id), self.queue_name], args=[JOB_KEY_PREFIX, cap, job_id]
         )
         return Progress(ahead_in_run=int(ahead), capped=int(ahead) >= cap, queue_rank=int(rank))
+
+    async def recent_ids(
+        self, *, failures: bool = False, since_ms: int | None = None, offset: int = 0, count: int
+    ) -> list[str]:
+        """Newest first: job ids by enqueue time, or (`failures`) rejected and failed by finish."""
+        ids = await self.redis.zrevrangebyscore(
+            FAILURES_KEY if failures else RECENT_KEY,
+            "+inf",
+            "-inf" if since_ms is None else since_ms,
+            start=offset,
+            num=count,
+        )
+        return [_text(job_id) for job_id in ids]
 
     async def save_batch(self, batch: Batch) -> None:
         """Remember a batch's job ids for as long as any of its jobs can live."""

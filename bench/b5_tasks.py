@@ -1,0 +1,179 @@
+"""B5 MCP tasks: what following a change as a task costs, against the plain tools.
+
+Same run, same stack (Redis, a SQLite Prefect server, one `pmq worker`, one
+`pmq serve --transport http`), same wire client (2026-07-28 envelope over
+httpx), only the declared capability differs:
+
+- answer: 300 `set_task_run_state` calls one at a time, alternating a request
+  that declares `io.modelcontextprotocol/tasks` (answered with a task) and one
+  that does not (answered with a ticket); latency per call.
+- read: `tasks/get` against `get_job` (no wait) on the same finished jobs.
+- follow: 20 clients each queue 10 changes and follow them to the end, once
+  as tasks (polling `tasks/get` as `pollIntervalMs` says) and once the plain
+  way (`get_job` with `wait_s=30`, which answers when the job finishes).
+  Counted: requests per change, and the lag from the job's `finished_at` to
+  the answer that reported it.
+
+    .venv/bin/python bench/b5_tasks.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import BenchStack, Report, bench_stack, percentile, table
+from bench.workload import create_task_runs
+from tests.tasks_client import TasksClient
+
+ANSWER_CALLS = 300
+CLIENTS, PER_CLIENT = 20, 10
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(values, 50) * 1000,
+        "p99_ms": percentile(values, 99) * 1000,
+    }
+
+
+async def answer_latency(url: str, runs: list[str]) -> tuple[list[float], list[float], list[str]]:
+    """Latency of a task answer and of a ticket, interleaved so drift hits both alike."""
+    task_s: list[float] = []
+    ticket_s: list[float] = []
+    job_ids: list[str] = []
+    async with TasksClient(url) as client:
+        for index, run in enumerate(runs[:ANSWER_CALLS]):
+            as_task = index % 2 == 0
+            args = {"task_run_id": run, "state": "RUNNING"}
+            started = time.perf_counter()
+            exchange = await client.call_tool("set_task_run_state", args, tasks=as_task)
+            (task_s if as_task else ticket_s).append(time.perf_counter() - started)
+            result = exchange.result
+            job_ids.append(result["taskId"] if as_task else result["structuredContent"]["job_id"])
+    return task_s, ticket_s, job_ids
+
+
+async def read_latency(url: str, job_ids: list[str]) -> tuple[list[float], list[float]]:
+    get_s: list[float] = []
+    job_s: list[float] = []
+    async with TasksClient(url) as client:
+        for job_id in job_ids:
+            started = time.perf_counter()
+            assert (await client.get(job_id)).result["status"] == "completed"
+            get_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            plain = await client.call_tool("get_job", {"job_id": job_id}, tasks=False)
+            job_s.append(time.perf_counter() - started)
+            assert plain.result["structuredContent"]["status"] == "applied"
+    return get_s, job_s
+
+
+async def follow(url: str, runs: list[str], *, as_tasks: bool) -> tuple[list[int], list[float]]:
+    """Requests per change and lag after finish, for CLIENTS clients following their changes."""
+    requests: list[int] = []
+    lags: list[float] = []
+
+    async def one_client(mine: list[str]) -> None:
+        async with TasksClient(url) as client:
+            ids = []
+            for run in mine:
+                args = {"task_run_id": run, "state": "COMPLETED"}
+                result = (await client.call_tool("set_task_run_state", args, tasks=as_tasks)).result
+                ids.append(result["taskId"] if as_tasks else result["structuredContent"]["job_id"])
+            for job_id in ids:
+                count, job = await (_poll_task if as_tasks else _long_poll)(client, job_id)
+                seen = datetime.now(UTC)
+                requests.append(count)
+                lags.append((seen - datetime.fromisoformat(job["finished_at"])).total_seconds())
+
+    shares = [runs[i * PER_CLIENT : (i + 1) * PER_CLIENT] for i in range(CLIENTS)]
+    await asyncio.gather(*(one_client(share) for share in shares))
+    return requests, lags
+
+
+async def _poll_task(client: TasksClient, task_id: str) -> tuple[int, dict[str, Any]]:
+    count = 0
+    while True:
+        count += 1
+        task = (await client.get(task_id)).result
+        if task["status"] == "completed":
+            return count, task["result"]["structuredContent"]
+        await asyncio.sleep(task["pollIntervalMs"] / 1000)
+
+
+async def _long_poll(client: TasksClient, job_id: str) -> tuple[int, dict[str, Any]]:
+    count = 0
+    while True:
+        count += 1
+        args = {"job_id": job_id, "wait_s": 30}
+        job = (await client.call_tool("get_job", args, tasks=False)).result["structuredContent"]
+        if job["finished_at"]:
+            return count, job
+
+
+async def run(stack: BenchStack, report: Report) -> None:
+    stack.worker("worker-1")
+    _, url = stack.frontend("frontend")
+    runs = await create_task_runs(stack.prefect.api_url, ANSWER_CALLS + 2 * CLIENTS * PER_CLIENT)
+
+    task_s, ticket_s, job_ids = await answer_latency(url, runs)
+    async with TasksClient(url) as client:
+        for job_id in job_ids:  # every change applied before reads are timed
+            await _long_poll(client, job_id)
+    get_s, job_s = await read_latency(url, job_ids)
+    answer_rows = [
+        {"call": "set_task_run_state answered with a task", **_ms(task_s)},
+        {"call": "set_task_run_state answered with a ticket (baseline)", **_ms(ticket_s)},
+        {"call": "tasks/get on a finished task", **_ms(get_s)},
+        {"call": "get_job on a finished job (baseline)", **_ms(job_s)},
+    ]
+    table(answer_rows, ["call", "p50_ms", "p99_ms"])
+
+    offset = ANSWER_CALLS
+    follow_rows = []
+    for as_tasks, label in ((True, "tasks/get, pollIntervalMs"), (False, "get_job wait_s=30")):
+        mine = runs[offset : offset + CLIENTS * PER_CLIENT]
+        offset += CLIENTS * PER_CLIENT
+        requests, lags = await follow(url, mine, as_tasks=as_tasks)
+        follow_rows.append(
+            {
+                "follow with": label + ("" if as_tasks else " (baseline)"),
+                "changes": len(requests),
+                "requests_per_change": sum(requests) / len(requests),
+                "lag_p50_ms": median(lags) * 1000,
+                "lag_p99_ms": percentile(lags, 99) * 1000,
+            }
+        )
+    table(
+        follow_rows,
+        ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p99_ms"],
+    )
+    report.sections["answer"] = answer_rows
+    report.sections["follow"] = follow_rows
+    ratio = answer_rows[0]["p50_ms"] / answer_rows[1]["p50_ms"]
+    report.goal(
+        "a task answer costs at most 1.5x a ticket (p50)",
+        ratio <= 1.5,
+        f"{answer_rows[0]['p50_ms']:.1f} ms vs {answer_rows[1]['p50_ms']:.1f} ms, {ratio:.2f}x",
+    )
+
+
+def main() -> None:
+    report = Report("b5_tasks", ".venv/bin/python bench/b5_tasks.py")
+    started = time.monotonic()
+    with bench_stack() as stack:
+        asyncio.run(run(stack, report))
+    report.sections["runtime_s"] = round(time.monotonic() - started, 1)
+    report.save()
+
+
+if __name__ == "__main__":
+    main()

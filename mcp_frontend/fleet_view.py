@@ -1,0 +1,107 @@
+"""One look at the whole queue: what `pmq jobs watch` and `/dashboard` show.
+
+Everything comes from Redis (the counters the scripts keep, worker heartbeats,
+the recent-failures index), so any frontend or operator's shell sees the same
+fleet. Rates are left to the viewer: two snapshots a few seconds apart give
+applied/s, rejected/s and failed/s without any state here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import datetime
+
+from arq.constants import default_queue_name
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from mcp_frontend.jobs import FAILURE_STATUSES, JobQuery, JobService
+from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX, JobRecord, utcnow
+
+TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled")
+LIVE = ("queued", "running", "waiting")
+
+
+class Failure(BaseModel):
+    job_id: str
+    client_id: str
+    status: str
+    run_type: str
+    run_id: str
+    state: str
+    finished_at: datetime | None
+    reason: str
+
+
+class FleetSnapshot(BaseModel):
+    at: datetime
+    queue_depth: int = Field(description="Entries in the arq queue (queued, waiting, running).")
+    live: dict[str, int] = Field(description="Jobs now queued, running and waiting.")
+    totals: dict[str, int] = Field(description="Jobs ever enqueued, applied, rejected, ...")
+    workers_alive: int
+    prefect_ms: float | None = Field(description="Median of the workers' latest Prefect calls.")
+    failures: list[Failure] = Field(description="The newest rejected or failed jobs.")
+
+
+async def snapshot(
+    service: JobService, *, worker_max_age_s: float, failures: int = 10
+) -> FleetSnapshot:
+    redis = service.store.redis
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(STATS_TOTAL_KEY)
+        pipe.hgetall(STATS_LIVE_KEY)
+        pipe.zcard(default_queue_name)
+        totals, live, depth = await pipe.execute()
+    beats = await _heartbeats(redis, worker_max_age_s)
+    latencies = [ms for ms in beats if ms >= 0]
+    recent = await service.find(JobQuery(statuses=FAILURE_STATUSES, limit=failures))
+    return FleetSnapshot(
+        at=utcnow(),
+        queue_depth=int(depth),
+        live={name: max(0, _count(live, name)) for name in LIVE},
+        totals={name: _count(totals, name) for name in TOTALS},
+        workers_alive=len(beats),
+        prefect_ms=statistics.median(latencies) if latencies else None,
+        failures=[_failure(record) for record in recent],
+    )
+
+
+async def _heartbeats(redis: Redis, max_age_s: float) -> list[int]:
+    """Each live worker's median Prefect latency in ms (-1: no call yet)."""
+    keys = [key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*")]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hmget(key, ["seen_ms", "prefect_ms"])
+        rows = await pipe.execute()
+    now_ms = time.time() * 1000
+    return [
+        int(ms or -1)
+        for seen, ms in rows
+        if seen is not None and now_ms - int(seen) <= max_age_s * 1000
+    ]
+
+
+def _count(hash_: dict[bytes, bytes], name: str) -> int:
+    return int(hash_.get(name.encode(), 0))
+
+
+def _failure(record: JobRecord) -> Failure:
+    if record.error is not None:
+        reason = f"{record.error.code.value}: {record.error.message}"
+    elif record.orchestration is not None:
+        reason = f"Prefect answered {record.orchestration.status}"
+        if record.orchestration.reason:
+            reason += f": {record.orchestration.reason}"
+    else:
+        reason = "no reason recorded"
+    return Failure(
+        job_id=record.job_id,
+        client_id=record.client_id,
+        status=record.status.value,
+        run_type=record.run_type.value,
+        run_id=record.run_id,
+        state=record.state.value,
+        finished_at=record.finished_at,
+        reason=reason,
+    )
