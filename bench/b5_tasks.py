@@ -39,8 +39,8 @@ CLIENTS, PER_CLIENT = 20, 10
 
 def _ms(values: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": percentile(values, 50) * 1000,
-        "p99_ms": percentile(values, 99) * 1000,
+        "p50_ms": round(percentile(values, 50) * 1000, 2),
+        "p99_ms": round(percentile(values, 99) * 1000, 2),
     }
 
 
@@ -147,9 +147,9 @@ async def run(stack: BenchStack, report: Report) -> None:
             {
                 "follow with": label + ("" if as_tasks else " (baseline)"),
                 "changes": len(requests),
-                "requests_per_change": sum(requests) / len(requests),
-                "lag_p50_ms": median(lags) * 1000,
-                "lag_p99_ms": percentile(lags, 99) * 1000,
+                "requests_per_change": round(sum(requests) / len(requests), 2),
+                "lag_p50_ms": round(median(lags) * 1000, 1),
+                "lag_p99_ms": round(percentile(lags, 99) * 1000, 1),
             }
         )
     table(
