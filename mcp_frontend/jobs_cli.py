@@ -55,8 +55,9 @@ jobs = typer.Typer(
     help="Submit, follow, list, retry and watch jobs (talks to Redis directly).",
     no_args_is_help=True,
 )
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a line per job stays one line when piped, whatever the width.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 IdsArg = Annotated[list[str], typer.Argument(help="Job ids.", show_default=False)]

@@ -76,7 +76,9 @@ async def test_submit_then_wait_exits_0_with_json(
 
     plain = pmq_jobs(worked_stack, "wait", *job_ids)  # not a terminal: a line per job
     assert plain.returncode == 0
-    assert plain.stdout.splitlines()[-1] == "total 3 applied=3"
+    lines = plain.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [[j, "applied"] for j in job_ids]
+    assert lines[-1] == "total 3 applied=3"
 
 
 async def test_failed_job_exits_1_is_listed_and_retried(
