@@ -9,15 +9,15 @@ applied/s, rejected/s and failed/s without any state here.
 from __future__ import annotations
 
 import statistics
-import time
 from datetime import datetime
 
 from arq.constants import default_queue_name
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
 
+from mcp_frontend.health import FleetProbe
 from mcp_frontend.jobs import FAILURE_STATUSES, JobQuery, JobService
-from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX, JobRecord, utcnow
+from mcp_frontend.progress import failure_reason
+from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, JobRecord, utcnow
 
 TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled")
 LIVE = ("queued", "running", "waiting")
@@ -53,8 +53,8 @@ async def snapshot(
         pipe.hgetall(STATS_LIVE_KEY)
         pipe.zcard(default_queue_name)
         totals, live, depth = await pipe.execute()
-    beats = await _heartbeats(redis, worker_max_age_s)
-    latencies = [ms for ms in beats if ms >= 0]
+    beats = await FleetProbe(redis, worker_max_age_s=worker_max_age_s).workers()
+    latencies = [beat["prefect_ms"] for beat in beats if beat["prefect_ms"] >= 0]
     recent = await service.find(JobQuery(statuses=FAILURE_STATUSES, limit=failures))
     return FleetSnapshot(
         at=utcnow(),
@@ -67,34 +67,12 @@ async def snapshot(
     )
 
 
-async def _heartbeats(redis: Redis, max_age_s: float) -> list[int]:
-    """Each live worker's median Prefect latency in ms (-1: no call yet)."""
-    keys = [key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*")]
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hmget(key, ["seen_ms", "prefect_ms"])
-        rows = await pipe.execute()
-    now_ms = time.time() * 1000
-    return [
-        int(ms or -1)
-        for seen, ms in rows
-        if seen is not None and now_ms - int(seen) <= max_age_s * 1000
-    ]
-
-
 def _count(hash_: dict[bytes, bytes], name: str) -> int:
     return int(hash_.get(name.encode(), 0))
 
 
 def _failure(record: JobRecord) -> Failure:
-    if record.error is not None:
-        reason = f"{record.error.code.value}: {record.error.message}"
-    elif record.orchestration is not None:
-        reason = f"Prefect answered {record.orchestration.status}"
-        if record.orchestration.reason:
-            reason += f": {record.orchestration.reason}"
-    else:
-        reason = "no reason recorded"
+    reason = failure_reason(record) or "no reason recorded"
     return Failure(
         job_id=record.job_id,
         client_id=record.client_id,

@@ -36,12 +36,13 @@ class FleetProbe:
         keys = [key async for key in self.redis.scan_iter(match=pattern)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(key, ["seen_ms", "prefect_ok"])
+                pipe.hmget(key, ["seen_ms", "prefect_ok", "prefect_ms"])
             rows = await pipe.execute()
         now_ms = time.time() * 1000
         return [
-            {"seen_ms": int(seen), "prefect_ok": int(ok or 0)}
-            for seen, ok in rows
+            # prefect_ms: median of its latest Prefect calls; -1 before the first.
+            {"seen_ms": int(seen), "prefect_ok": int(ok or 0), "prefect_ms": int(ms or -1)}
+            for seen, ok, ms in rows
             if seen is not None and now_ms - int(seen) <= self.worker_max_age_ms
         ]
 

@@ -37,6 +37,7 @@ from mcp_frontend.jobs import (
     NotRetryable,
     open_job_service,
 )
+from mcp_frontend.progress import failure_reason
 from worker.contract import (
     LOCAL_CLIENT,
     InvalidChange,
@@ -282,7 +283,7 @@ async def _follow(
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return records
-            async with service.waiters.watch_any(pending) as finished:
+            async with service.waiters.watch(*pending) as finished:
                 # The re-read every second also catches an event lost to a Redis blip.
                 wait_s = 1.0 if remaining is None else min(1.0, remaining)
                 try:
@@ -400,12 +401,7 @@ def _job_line(record: JobRecord) -> str:
 
 
 def _reason(record: JobRecord) -> str:
-    if record.error is not None:
-        return f"{record.error.code.value}: {record.error.message}"
-    if record.orchestration is not None and record.status is not Status.APPLIED:
-        reason = record.orchestration.reason or ""
-        return f"Prefect answered {record.orchestration.status}" + (f": {reason}" if reason else "")
-    return ""
+    return failure_reason(record) or ""
 
 
 def _summary(records: Sequence[JobRecord]) -> str:
@@ -429,13 +425,12 @@ def _rate_text(value: float | None) -> str:
 
 def _fleet_line(current: FleetSnapshot, previous: FleetSnapshot | None) -> str:
     rates = _rates(current, previous)
-    latency = "-" if current.prefect_ms is None else f"{current.prefect_ms:.0f}"
     return (
         f"{current.at.isoformat(timespec='seconds')} depth={current.queue_depth} "
         f"queued={current.live['queued']} running={current.live['running']} "
         f"waiting={current.live['waiting']} applied/s={_rate_text(rates['applied'])} "
         f"rejected/s={_rate_text(rates['rejected'])} failed/s={_rate_text(rates['failed'])} "
-        f"prefect_ms={latency} workers={current.workers_alive} "
+        f"prefect_ms={_ms(current)} workers={current.workers_alive} "
         f"applied={current.totals['applied']} rejected={current.totals['rejected']} "
         f"failed={current.totals['failed']}"
     )

@@ -105,6 +105,16 @@ def describe(record: JobRecord, progress: Progress | None, now: datetime) -> str
     return "cancelled: it was never sent to Prefect"
 
 
+def failure_reason(record: JobRecord) -> str | None:
+    """Why a job was not applied: its error, or Prefect's verdict; None if neither."""
+    if record.error is not None:
+        return f"{record.error.code.value}: {record.error.message}"
+    if record.orchestration is not None and record.status is not Status.APPLIED:
+        reason = record.orchestration.reason
+        return f"Prefect answered {record.orchestration.status}" + (f": {reason}" if reason else "")
+    return None
+
+
 def _waiting_reason(record: JobRecord, progress: Progress | None, now: datetime) -> str:
     if record.blocked_on:
         if progress is not None and progress.ahead_in_run > 0:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
@@ -39,37 +39,23 @@ class TerminalWaiters:
                 await self._listener
 
     @contextlib.asynccontextmanager
-    async def watch(self, job_id: str, *, changes: bool = False) -> AsyncIterator[asyncio.Event]:
-        """An event set when `job_id` is published as terminal (with `changes`: as changed).
+    async def watch(self, *job_ids: str, changes: bool = False) -> AsyncIterator[asyncio.Event]:
+        """One event, set when any of `job_ids` is published as terminal (with
+        `changes`: as changed at all).
 
-        Subscribed before it is yielded, so a caller that checks the record
+        Subscribed before it is yielded, so a caller that checks the records
         after entering cannot miss a notification sent in between.
         """
         await self._ensure_listening()
         event = asyncio.Event()
-        self._events[job_id].add(event)
+        for job_id in job_ids:
+            self._events[job_id].add(event)
         if changes:
             self._change_events.add(event)
         try:
             yield event
         finally:
             self._change_events.discard(event)
-            waiting = self._events.get(job_id)
-            if waiting is not None:
-                waiting.discard(event)
-                if not waiting:
-                    del self._events[job_id]
-
-    @contextlib.asynccontextmanager
-    async def watch_any(self, job_ids: Sequence[str]) -> AsyncIterator[asyncio.Event]:
-        """One event, set when any of `job_ids` is published as terminal."""
-        await self._ensure_listening()
-        event = asyncio.Event()
-        for job_id in job_ids:
-            self._events[job_id].add(event)
-        try:
-            yield event
-        finally:
             for job_id in job_ids:
                 waiting = self._events.get(job_id)
                 if waiting is not None:
