@@ -1,5 +1,9 @@
-# The image for both `pmq worker` and `pmq serve`: slim Python, non-root, no build tools.
-FROM python:3.12.8-slim-bookworm
+# The image for both `pmq worker` and `pmq serve`: slim Python, no build tools.
+# The base is a build argument so that machines without Docker Hub can build on
+# a Python image of their own (the compose test does); the default is the
+# pinned official image.
+ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

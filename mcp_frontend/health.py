@@ -19,7 +19,16 @@ from starlette.responses import JSONResponse, Response
 
 from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
 
-TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled", "retried")
+TOTALS = (
+    "enqueued",
+    "applied",
+    "rejected",
+    "failed",
+    "cancelled",
+    "retried",
+    "swept",  # requeued by the sweeper after arq dropped them
+    "duplicated",  # found in their run's history more than once
+)
 LIVE = ("queued", "running", "waiting")
 
 

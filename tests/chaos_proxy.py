@@ -5,6 +5,7 @@ Runs uvicorn in a thread of the test process; the test scripts the faults.
 
 import asyncio
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -114,3 +115,34 @@ class ChaosProxy:
             upstream.status_code,
             media_type=upstream.headers.get("content-type"),
         )
+
+
+class BlackHole:
+    """A listener that never accepts: a Prefect behind a firewall that drops packets.
+
+    Its accept queue is filled at once, so the kernel drops every further SYN and a
+    client's connect hangs until its own timeout, as it would for an unreachable host.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.port: int = self._listener.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BlackHole":
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self._fillers.append(filler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in [*self._fillers, self._listener]:
+            sock.close()

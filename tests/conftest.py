@@ -189,6 +189,17 @@ def own_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server (AOF) this test may stop and restart on the same port."""
+    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+    server.start_and_wait()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def proxy(services: Services) -> Iterator[ChaosProxy]:
     """A fault-injecting proxy in front of the session's Prefect server."""
     with ChaosProxy(services.prefect.api_url.removesuffix("/api")) as chaos:

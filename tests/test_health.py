@@ -1,10 +1,8 @@
 """/readyz follows Redis and the workers; /metrics counts what the fleet did."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from mcp import Client
 
 from mcp_frontend.devstack import RedisServer, Service, free_port, pmq_service
@@ -13,16 +11,6 @@ from tests.conftest import Services, Stack, wait_for
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 from worker.settings import Settings
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
-    server.start_and_wait()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _get(url: str) -> httpx.Response | None:

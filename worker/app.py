@@ -26,11 +26,12 @@ from prefect.client.orchestration import get_client
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
-from worker.applier import Outcome, PrefectApplier
+from worker.applier import Outcome, PrefectApplier, without_connect_retries
 from worker.concurrency import AdaptiveLimit, LimitSettings, SlotTimeout
 from worker.contract import (
     APPLY_STATE_CHANGE,
     PENDING_STATUSES,
+    SWEEPER_LOCK_KEY,
     WORKER_KEY_PREFIX,
     ErrorCode,
     JobError,
@@ -52,17 +53,42 @@ log = logging.getLogger(__name__)
 _ARQ_MAX_TRIES = 1_000_000
 _PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
 _SLOT_RETRY_S = 0.5
+# arq's own job timeout is this much longer than ours, so ours always fires first.
+_ARQ_TIMEOUT_MARGIN_S = 10.0
 _SPARE_JOBS = 6  # jobs a worker holds beyond its Prefect call slots: a poll interval's worth
 
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
     """Apply one queued change to Prefect and record the outcome."""
+    settings: Settings = ctx["settings"]
     try:
-        await _run(ctx, job_id)
+        # Ours, inside arq's (which is longer): arq would drop a job it times out,
+        # leaving its record `running` with no queue entry.
+        async with asyncio.timeout(settings.job_timeout_s):
+            await _run(ctx, job_id)
+    except TimeoutError:
+        await _cut_off(ctx["store"], job_id, settings.job_timeout_s)
     except RedisError as exc:
         # Any exception but Retry would make arq drop the job; this keeps it queued.
         log.warning("job %s: Redis error, will try again: %s", job_id, exc)
         raise Retry(defer=1.0) from exc
+
+
+async def _cut_off(store: JobStore, job_id: str, limit_s: float) -> None:
+    """An attempt ran out of time: a defined status, and the job stays queued.
+
+    Its call may have reached Prefect, so the next try settles first (`ambiguous`).
+    """
+    log.warning("job %s: attempt cut off after %g s; it will be tried again", job_id, limit_s)
+    error = JobError(code=ErrorCode.TRANSIENT, message=f"attempt cut off after {limit_s:g} s")
+    moved = await store.transition(
+        job_id,
+        allowed=(Status.RUNNING,),
+        status=Status.WAITING,
+        set_fields={"ambiguous": True, "error": error, "next_attempt_at": utcnow()},
+    )
+    if moved.applied or (moved.status is not None and not moved.status.is_terminal):
+        raise Retry(defer=_SLOT_RETRY_S)
 
 
 async def _run(ctx: dict[str, Any], job_id: str) -> None:
@@ -126,10 +152,11 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     # ended without an answer: Prefect may have written the change, even after the
     # call timed out. Read the history only once that call must be over.
     uncertain = record.status is Status.RUNNING or record.ambiguous
-    if uncertain and record.attempt_started_at is not None:
-        settled_at = record.attempt_started_at + timedelta(
-            seconds=settings.prefect_timeout_s + settings.settle_s
-        )
+    if uncertain:
+        applier: PrefectApplier = ctx["applier"]
+        if applier.answering_since is None:
+            await applier.probe()
+        settled_at = _settled_at(applier, settings, record)
         if now < settled_at:
             await _settle(store, record, settled_at)
     concurrency: AdaptiveLimit = ctx["concurrency"]
@@ -141,6 +168,25 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
         # Prefect is slow and this worker's calls in flight are at their limit: give
         # the job back (still `queued`, no attempt used) for any worker to take.
         raise Retry(defer=_SLOT_RETRY_S) from None
+
+
+def _settled_at(applier: PrefectApplier, settings: Settings, record: JobRecord) -> datetime:
+    """From when a history read without this job's transition proves that no earlier
+    try of it can still be written.
+
+    The earlier call must be over (its timeout plus `settle_s`), and Prefect must have
+    answered every call for `settle_s`: a stalled server (SIGSTOP, `docker pause`, a
+    saturated host) keeps the requests it has read, and processes them when it wakes,
+    in any order with the history read. While Prefect does not answer, never.
+    """
+    settle = timedelta(seconds=settings.settle_s)
+    if applier.answering_since is None:
+        return utcnow() + settle  # look again then; no attempt is used meanwhile
+    settled_at = applier.answering_since + settle
+    if record.attempt_started_at is not None:
+        call_over = record.attempt_started_at + timedelta(seconds=settings.prefect_timeout_s)
+        settled_at = max(settled_at, call_over + settle)
+    return settled_at
 
 
 async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bool) -> None:
@@ -165,7 +211,12 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
     if outcome.called:
         record = record.model_copy(update={"attempts": record.attempts + 1})
     if outcome.status is not Status.WAITING:
-        await _finish(store, record, outcome, allowed=(Status.RUNNING,))
+        verify_at = None
+        if outcome.resent and outcome.status is Status.APPLIED:
+            # The rule above makes a duplicate unlikely, not impossible (a Prefect of
+            # several API processes, one frozen): look once more when all calls are over.
+            verify_at = utcnow() + timedelta(seconds=settings.prefect_timeout_s + settings.settle_s)
+        await _finish(store, record, outcome, allowed=(Status.RUNNING,), verify_at=verify_at)
         return
     # An earlier try's uncertainty stands until a history read has settled it.
     ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
@@ -237,9 +288,16 @@ async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
 
 
 async def _finish(
-    store: JobStore, record: JobRecord, outcome: Outcome, *, allowed: tuple[Status, ...]
+    store: JobStore,
+    record: JobRecord,
+    outcome: Outcome,
+    *,
+    allowed: tuple[Status, ...],
+    verify_at: datetime | None = None,
 ) -> None:
     fields: dict[str, Any] = {"finished_at": utcnow(), "attempts": record.attempts}
+    if verify_at is not None:
+        fields["verify_at_ms"] = int(verify_at.timestamp() * 1000)
     clear = ["next_attempt_at", "blocked_on"]
     if outcome.orchestration:
         fields["orchestration"] = outcome.orchestration
@@ -289,7 +347,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     # One Prefect client per process, reused by every job. Its retries are bypassed
     # (see PrefectApplier._send): the queue retries, visibly.
     client = get_client(httpx_settings={"timeout": httpx.Timeout(settings.prefect_timeout_s)})
-    ctx["prefect"] = await client.__aenter__()
+    ctx["prefect"] = without_connect_retries(await client.__aenter__())
     redis = ctx["redis"]  # arq's own pool: one Redis connection pool per process
     limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
     arq_worker: Worker = ctx["arq_worker"]
@@ -310,7 +368,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         on_change=take_fewer_jobs,
     )
     take_fewer_jobs(int(ctx["concurrency"].limit))
-    ctx["applier"] = PrefectApplier(ctx["prefect"], limiter, ctx["concurrency"])
+    ctx["applier"] = PrefectApplier(
+        ctx["prefect"], limiter, ctx["concurrency"], call_timeout_s=settings.prefect_timeout_s
+    )
     ctx["store"] = JobStore(
         redis,
         result_ttl_s=settings.result_ttl_s,
@@ -321,8 +381,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
 
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
-    if settings.worker_metrics_port is not None:
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+    ctx["sweeper"] = asyncio.create_task(_sweeper(ctx))
 
 
 async def _heartbeat(ctx: dict[str, Any]) -> None:
@@ -336,11 +395,6 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
     redis: ArqRedis = ctx["redis"]
     key = WORKER_KEY_PREFIX + worker_id()
     while True:
-        stale = applier.last_answer_at is None or (
-            time.monotonic() - applier.last_answer_at > 6 * settings.heartbeat_s
-        )
-        if stale:
-            await applier.probe()
         try:
             async with redis.pipeline(transaction=True) as pipe:  # never a key without TTL
                 pipe.hset(
@@ -359,7 +413,58 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
                 await pipe.execute()
         except RedisError:
             log.warning("heartbeat not recorded: Redis unavailable")
+        stale = applier.last_answer_at is None or (
+            time.monotonic() - applier.last_answer_at > 6 * settings.heartbeat_s
+        )
+        if stale:
+            # Bounded by the beat, so a Prefect that never answers cannot make this
+            # worker look dead (the key lives three beats).
+            await applier.probe(timeout_s=settings.heartbeat_s / 2)
         await asyncio.sleep(settings.heartbeat_s)
+
+
+async def _sweeper(ctx: dict[str, Any]) -> None:
+    """Every `sweep_interval_s`, one worker of the fleet requeues orphaned jobs and
+    reads the histories due for a duplicate check."""
+    settings: Settings = ctx["settings"]
+    store: JobStore = ctx["store"]
+    redis: ArqRedis = ctx["redis"]
+    interval_ms = int(settings.sweep_interval_s * 1000)
+    # A job claimed this long ago and in no queue cannot be held by a live arq run.
+    orphan_after = timedelta(
+        seconds=settings.job_timeout_s + _ARQ_TIMEOUT_MARGIN_S + settings.worker_lease_s
+    )
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            if not await redis.set(SWEEPER_LOCK_KEY, worker_id(), nx=True, px=interval_ms):
+                continue
+            for job_id in await store.sweep(claimed_before=utcnow() - orphan_after):
+                log.warning("job %s: requeued; arq had dropped it while pending", job_id)
+            await _verify_due(store, ctx["applier"])
+        except RedisError:
+            log.warning("sweep skipped: Redis unavailable")
+
+
+async def _verify_due(store: JobStore, applier: PrefectApplier) -> None:
+    for job_id in await store.due_verifications():
+        record = await store.load(job_id)
+        if record is None:
+            await store.verified(job_id, None)
+            continue
+        try:
+            found = await applier.find_transitions(record)
+        except (httpx.HTTPError, OSError):
+            return  # Prefect is away: the next sweep tries again
+        duplicates = max(len(found) - 1, 0)
+        if duplicates:
+            log.error(
+                "job %s: its change is in the run's history %d times",
+                job_id,
+                len(found),
+                extra={"job_id": job_id, "run_id": record.run_id, "duplicates": duplicates},
+            )
+        await store.verified(job_id, duplicates)
 
 
 def worker_id() -> str:
@@ -368,10 +473,12 @@ def worker_id() -> str:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    for name in ("sweeper", "heartbeat"):
+        if name in ctx:
+            ctx[name].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx[name]
     if "heartbeat" in ctx:
-        ctx["heartbeat"].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ctx["heartbeat"]
         with contextlib.suppress(RedisError):
             await ctx["redis"].delete(WORKER_KEY_PREFIX + worker_id())
     if "prefect" in ctx:
@@ -385,7 +492,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
             func(
                 apply_state_change,
                 name=APPLY_STATE_CHANGE,
-                timeout=settings.job_timeout_s,
+                timeout=settings.job_timeout_s + _ARQ_TIMEOUT_MARGIN_S,
                 max_tries=_ARQ_MAX_TRIES,
                 keep_result=0,
             )
@@ -427,13 +534,19 @@ def run_worker(settings: Settings) -> None:
     arq's poll loop ends on a Redis error; its jobs are safe (their leases
     lapse and they run again), so the worker waits for Redis and carries on.
     """
+    if settings.worker_metrics_port is not None:
+        # Once per process, not per run below: the registry is process-wide, and a
+        # second bind would fail with "Address already in use" after every restart.
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
     delay_s = 0.5
     while True:
         worker = build_worker(settings)
         try:
             worker.run()
             return
-        except (RedisError, OSError) as exc:
+        except (RedisError, ConnectionError, socket.gaierror, TimeoutError) as exc:
+            # Only what losing Redis raises: any other error (a bug, a bad setting)
+            # must stop the process loudly rather than loop.
             log.warning("lost Redis (%s); starting over in %.1f s", exc, delay_s)
             with contextlib.suppress(RedisError, OSError):
                 worker.loop.run_until_complete(_close_after_lost_redis(worker))

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +21,15 @@ from prefect.client.schemas.actions import StateCreate
 from prefect.client.schemas.objects import StateDetails
 
 from worker.concurrency import AdaptiveLimit
-from worker.contract import ErrorCode, JobError, JobRecord, Orchestration, RunType, Status
+from worker.contract import (
+    ErrorCode,
+    JobError,
+    JobRecord,
+    Orchestration,
+    RunType,
+    Status,
+    utcnow,
+)
 from worker.metrics import PREFECT_CALL_SECONDS
 from worker.policy import parse_retry_after
 from worker.store import RateLimiter
@@ -54,6 +63,12 @@ class Outcome:
     ambiguous: bool = False
     # This try read the run's history, settling any earlier try's uncertainty.
     history_checked: bool = False
+    # This try sent the change again after an earlier try that may have reached Prefect.
+    resent: bool = False
+
+
+class CallTimedOut(httpx.TimeoutException):
+    """A Prefect call took longer than its hard limit; it may have been sent."""
 
 
 class RateLimited(Exception):
@@ -148,13 +163,20 @@ class PrefectApplier:
         client: PrefectClient,
         limiter: RateLimiter | None = None,
         concurrency: AdaptiveLimit | None = None,
+        *,
+        call_timeout_s: float = 10.0,
     ) -> None:
         self.client = client
         self.limiter = limiter
         self.concurrency = concurrency
+        self.call_timeout_s = call_timeout_s
         # What the last call told us about Prefect, for the worker's heartbeat.
         self.prefect_ok = False
         self.last_answer_at: float | None = None
+        # Since when Prefect has answered every call without a transport error or a
+        # 5xx; None while it does not. A stalled server may still hold requests it will
+        # process when it wakes, so a history read counts only after a quiet spell.
+        self.answering_since: datetime | None = None
         # The latest calls' latencies, for the heartbeat (`pmq jobs watch`, the dashboard).
         self.recent_latencies_s: deque[float] = deque(maxlen=100)
 
@@ -173,8 +195,9 @@ class PrefectApplier:
         Prefect's client sleeps through 429/502/503 (Retry-After or 2, 4, 8 s) before
         returning, even with PREFECT_CLIENT_MAX_RETRIES=0: that would hold a worker
         slot and hide the state from callers. The queue retries instead, so this calls
-        httpx's own `send` on the client Prefect configured. Prefect's transport still
-        retries a refused connection 3 times (about 1.5 s), which is cheap and bounded.
+        httpx's own `send` on the client Prefect configured, whose connection pool
+        `without_connect_retries` has stopped retrying connects (3 tries of a 10 s
+        connect timeout outlived arq's job timeout).
         """
         await self._throttle()
         http = self.client._client
@@ -182,13 +205,12 @@ class PrefectApplier:
         call = "set_state" if method == "POST" else "read_history"
         started = time.monotonic()
         try:
-            response = await httpx.AsyncClient.send(http, request)
+            response = await self._bounded_send(request)
         except httpx.HTTPError:
-            self.prefect_ok = False
+            self._unanswered()
             await self._observed(call, "error", started, overloaded=True)
             raise
-        self.prefect_ok = response.status_code < 500
-        self.last_answer_at = time.monotonic()
+        self._answered(response.status_code)
         await self._observed(
             call,
             str(response.status_code),
@@ -198,6 +220,33 @@ class PrefectApplier:
         response.raise_for_status()
         return response
 
+    async def _bounded_send(
+        self, request: httpx.Request, *, timeout_s: float | None = None
+    ) -> httpx.Response:
+        """httpx's send under a hard limit: whatever the transport does (connect
+        retries, a DNS lookup that hangs), no call outlives `call_timeout_s` by
+        more than a second. The second lets httpx's own timeouts fire first: they
+        say whether the request was sent."""
+        limit_s = min(timeout_s or self.call_timeout_s, self.call_timeout_s) + 1.0
+        try:
+            async with asyncio.timeout(limit_s):
+                return await httpx.AsyncClient.send(self.client._client, request)
+        except TimeoutError:
+            message = f"no answer from Prefect in {limit_s:g} s"
+            raise CallTimedOut(message, request=request) from None
+
+    def _answered(self, status_code: int) -> None:
+        self.prefect_ok = status_code < 500
+        self.last_answer_at = time.monotonic()
+        if status_code >= 500:
+            self.answering_since = None
+        elif self.answering_since is None:
+            self.answering_since = utcnow()
+
+    def _unanswered(self) -> None:
+        self.prefect_ok = False
+        self.answering_since = None
+
     async def _observed(self, call: str, outcome: str, started: float, *, overloaded: bool) -> None:
         latency_s = time.monotonic() - started
         PREFECT_CALL_SECONDS.labels(call, outcome).observe(latency_s)
@@ -205,15 +254,18 @@ class PrefectApplier:
         if self.concurrency is not None:
             await self.concurrency.observe(latency_s, overloaded=overloaded)
 
-    async def probe(self) -> bool:
+    async def probe(self, *, timeout_s: float | None = None) -> bool:
         """Is Prefect answering? For the heartbeat, when no job has asked lately."""
         http = self.client._client
         try:
-            response = await httpx.AsyncClient.send(http, http.build_request("GET", "/health"))
-            self.prefect_ok = response.status_code == 200
-            self.last_answer_at = time.monotonic()
+            response = await self._bounded_send(
+                http.build_request("GET", "/health"), timeout_s=timeout_s
+            )
         except httpx.HTTPError:
-            self.prefect_ok = False
+            self._unanswered()
+            return False
+        self._answered(response.status_code)
+        self.prefect_ok = response.status_code == 200
         return self.prefect_ok
 
     async def find_applied(self, record: JobRecord) -> Orchestration | None:
@@ -223,19 +275,27 @@ class PrefectApplier:
         run's history is the only way to know; flow runs would reject the repeat,
         and reporting that as `rejected` would be wrong too.
         """
+        found = await self.find_transitions(record)
+        if not found:
+            return None
+        state = found[0]
+        return Orchestration(
+            status="ACCEPT",
+            state_type=state.get("type"),
+            state_name=state.get("name"),
+            reason="found in the run's state history after an interrupted attempt",
+        )
+
+    async def find_transitions(self, record: JobRecord) -> list[dict[str, Any]]:
+        """Every state in the run's history that this job's transition wrote (oldest first)."""
         path = "/task_run_states/" if record.run_type is RunType.TASK else "/flow_run_states/"
         param = "task_run_id" if record.run_type is RunType.TASK else "flow_run_id"
         response = await self._send("GET", path, params={param: record.run_id})
-        for state in response.json():
-            details = state.get("state_details") or {}
-            if details.get("transition_id") == record.transition_id:
-                return Orchestration(
-                    status="ACCEPT",
-                    state_type=state.get("type"),
-                    state_name=state.get("name"),
-                    reason="found in the run's state history after an interrupted attempt",
-                )
-        return None
+        return [
+            state
+            for state in response.json()
+            if (state.get("state_details") or {}).get("transition_id") == record.transition_id
+        ]
 
     async def set_state(self, record: JobRecord) -> dict[str, Any]:
         """One set_state call; returns Prefect's OrchestrationResult as JSON."""
@@ -270,4 +330,20 @@ class PrefectApplier:
             outcome = Outcome(Status.WAITING, delay_s=exc.wait_s, called=False)
         except (httpx.HTTPError, OSError) as exc:
             outcome = classify_error(exc)
-        return replace(outcome, history_checked=checked)
+        return replace(outcome, history_checked=checked, resent=checked)
+
+
+def without_connect_retries(client: PrefectClient) -> PrefectClient:
+    """Stop the retries Prefect adds to its client's connection pool.
+
+    Prefect sets `_retries = 3` on the pool after building the client: a
+    connect that times out is tried four times in one call. The queue retries
+    instead, visibly and with backoff. The attribute is private to httpcore, so
+    a change there fails loudly here rather than silently bringing them back.
+    """
+    http = client._client
+    pool = getattr(http._transport_for_url(http.base_url), "_pool", None)
+    if pool is None or not hasattr(pool, "_retries"):
+        raise RuntimeError("Prefect's client has no connection pool with retries to disable")
+    pool._retries = 0
+    return client

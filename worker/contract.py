@@ -34,6 +34,12 @@ STATUS_CHANNEL = "pmq:events:status"  # the id of each job that changed to a non
 BATCH_KEY_PREFIX = "pmq:batch:"  # a batch submitted as one MCP task: its job ids
 RECENT_KEY = "pmq:recent"  # sorted set: the newest job ids by enqueue time (ms)
 FAILURES_KEY = "pmq:recent:failures"  # sorted set: rejected and failed job ids by finish time
+# Sorted set: jobs a worker claimed that are not terminal yet, by last sign of life (ms).
+# The sweeper finds here any job that arq dropped while its record was still pending.
+INFLIGHT_KEY = "pmq:inflight"
+# Sorted set: applied jobs whose run history is read once more for duplicates, by due time.
+VERIFY_KEY = "pmq:verify"
+SWEEPER_LOCK_KEY = "pmq:sweeper"  # one sweeper per interval across the fleet
 
 
 def job_key(job_id: str) -> str:
@@ -255,6 +261,7 @@ class JobRecord(StateChange):
     orchestration: Orchestration | None = None
     error: JobError | None = None
     retry_of: str | None = None  # the rejected or failed job this one submits again
+    duplicate_transitions: int | None = None
 
     @field_validator("orchestration", "error", mode="before")
     @classmethod
@@ -364,6 +371,11 @@ class JobStatus(BaseModel):
     orchestration: Orchestration | None
     error: JobError | None
     retry_of: str | None = Field(None, description="The job this one submits again, if any.")
+    duplicate_transitions: int | None = Field(
+        None,
+        description="After a retry whose first try may have reached Prefect: extra copies "
+        "of this change found in the run's history (0: none). null: not checked (no doubt).",
+    )
 
     @classmethod
     def of(cls, record: JobRecord) -> JobStatus:

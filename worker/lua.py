@@ -162,15 +162,15 @@ return out
 """
 )
 
-# KEYS: record
+# KEYS: record, the in-flight index
 # ARGV: record prefix, grace ms, allowed statuses (space-separated), next check
-#       time (ISO, shown while parked), status channel, job id, then claim
-#       field/value pairs (status included).
+#       time (ISO, shown while parked), status channel, job id, index ttl ms, then
+#       claim field/value pairs (status included).
 # Returns {"claimed"} | {"blocked", predecessor id} | {"skip", status} | {"gone"}
 CLAIM = (
     _HELPERS
     + """
-local rec, P = KEYS[1], ARGV[1]
+local rec, P, INFLIGHT = KEYS[1], ARGV[1], KEYS[2]
 local current = redis.call("HGET", rec, "status")
 if not current then return {"gone"} end
 local allowed = false
@@ -186,7 +186,9 @@ if prev then
   return {"blocked", prev}
 end
 redis.call("HDEL", rec, "blocked_on", "next_attempt_at")
-redis.call("HSET", rec, unpack(ARGV, 7, #ARGV))
+redis.call("HSET", rec, unpack(ARGV, 8, #ARGV))
+redis.call("ZADD", INFLIGHT, now_ms(), ARGV[6])
+redis.call("PEXPIRE", INFLIGHT, ARGV[7])
 moved(current, "running")
 redis.call("PUBLISH", ARGV[5], ARGV[6])
 return {"claimed"}
@@ -209,10 +211,11 @@ return 1
 """
 )
 
-# KEYS: record, arq queue, the recent-failures index
+# KEYS: record, arq queue, the recent-failures index, the in-flight index, the verify queue
 # ARGV: record prefix, client prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
 #       channel to publish the job id on, job id, jobs the failures index keeps, number
 #       of fields to delete, those fields, then field/value pairs to set (status included).
+#       A field `verify_at_ms` is not stored: it queues the job for a duplicate check.
 # Returns {1, status} when applied, {0, current status or ""} when not.
 TRANSITION = (
     _HELPERS
@@ -229,9 +232,16 @@ local ndel = tonumber(ARGV[8])
 if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 9, 8 + ndel)) end
 local first = 9 + ndel
 if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
+local verify_at = redis.call("HGET", rec, "verify_at_ms")
+if verify_at then
+  redis.call("HDEL", rec, "verify_at_ms")
+  redis.call("ZADD", KEYS[5], verify_at, ARGV[6])
+  redis.call("PEXPIRE", KEYS[5], ARGV[4])
+end
 local status = redis.call("HGET", rec, "status")
 moved(current, status)
 if is_terminal(status) then
+  redis.call("ZREM", KEYS[4], ARGV[6])
   wake_successor(P, KEYS[2], rec, now_ms())
   local client = redis.call("HGET", rec, "client_id")
   if client then redis.call("ZREM", C .. client .. ":pending", ARGV[6]) end
@@ -245,6 +255,36 @@ end
 if tonumber(ARGV[4]) > 0 then redis.call("PEXPIRE", rec, ARGV[4]) end
 redis.call("PUBLISH", ARGV[5], ARGV[6])
 return {1, status}
+"""
+)
+
+# Requeue the in-flight jobs that lost their arq queue entry while still pending
+# (arq drops a job it times out), and refresh the rest. KEYS: arq queue, in-flight
+# index   ARGV: record prefix, arq job prefix, arq in-progress prefix, arq job ttl ms,
+# then job id, arq payload pairs (the candidates, oldest first).
+# Returns the requeued job ids.
+SWEEP = (
+    _HELPERS
+    + """
+local Q, INFLIGHT = KEYS[1], KEYS[2]
+local P, J, IP, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, requeued = now_ms(), {}
+for i = 5, #ARGV, 2 do
+  local id, payload = ARGV[i], ARGV[i + 1]
+  local status = redis.call("HGET", P .. id, "status")
+  if not status or is_terminal(status) then
+    redis.call("ZREM", INFLIGHT, id)
+  elseif redis.call("ZSCORE", Q, id) or redis.call("EXISTS", IP .. id) == 1 then
+    redis.call("ZADD", INFLIGHT, "XX", now, id)  -- alive: look again next time
+  else
+    redis.call("SET", J .. id, payload, "PX", ttl)
+    redis.call("ZADD", Q, now, id)
+    redis.call("ZADD", INFLIGHT, "XX", now, id)
+    count_total("swept", 1)
+    requeued[#requeued + 1] = id
+  end
+end
+return requeued
 """
 )
 

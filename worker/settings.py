@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         description="After a call whose fate is unknown (timeout, dropped connection, killed "
         "worker), how long past its timeout to wait before reading the run's history.",
     )
+    sweep_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often one worker of the fleet requeues jobs that lost their queue "
+        "entry and re-reads the histories due for a duplicate check.",
+    )
     worker_lease_s: float = Field(
         10.0,
         ge=3,
@@ -177,10 +183,11 @@ class Settings(BaseSettings):
 
     @property
     def job_timeout_s(self) -> float:
-        """arq's hard limit on one run of a job: a history read plus one set_state call,
-        the wait for a call slot (half a call's timeout) and the inline rate-limit waits.
+        """The hard limit on one run of a job: a history read plus one set_state call
+        (each cut off at `prefect_timeout_s`), the wait for a call slot (half a call's
+        timeout) and the inline rate-limit waits, with room for Redis.
 
         Crash recovery does not wait for it: a worker holds each job through a
         renewed `worker_lease_s` lease instead (see worker.app).
         """
-        return 2 * self.prefect_timeout_s + 10
+        return 2.5 * self.prefect_timeout_s + 5

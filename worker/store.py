@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from arq.constants import default_queue_name, job_key_prefix
+from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
@@ -24,18 +24,22 @@ from worker.contract import (
     CLIENT_KEY_PREFIX,
     FAILURES_KEY,
     IDEMPOTENCY_KEY_PREFIX,
+    INFLIGHT_KEY,
     JOB_KEY_PREFIX,
     RATE_LIMIT_KEY,
     RECENT_KEY,
     RUN_KEY_PREFIX,
+    STATS_TOTAL_KEY,
     STATUS_CHANNEL,
     TERMINAL_CHANNEL,
+    VERIFY_KEY,
     Batch,
     JobRecord,
     Status,
     fields_to_hash,
     job_key,
     json_serializer,
+    utcnow,
 )
 
 
@@ -118,6 +122,7 @@ class JobStore:
         self._recheck = redis.register_script(lua.RECHECK)
         self._transition = redis.register_script(lua.TRANSITION)
         self._progress = redis.register_script(lua.PROGRESS)
+        self._sweep = redis.register_script(lua.SWEEP)
 
     @property
     def pending_ttl_ms(self) -> int:
@@ -227,7 +232,7 @@ class JobStore:
         """
         encoded = fields_to_hash({**set_fields, "status": Status.RUNNING.value})
         reply = await self._claim(
-            keys=[job_key(job_id)],
+            keys=[job_key(job_id), INFLIGHT_KEY],
             args=[
                 JOB_KEY_PREFIX,
                 self.gate_grace_ms,
@@ -235,6 +240,7 @@ class JobStore:
                 recheck_at.isoformat(),
                 STATUS_CHANNEL,
                 job_id,
+                self.pending_ttl_ms,
                 *_flatten(encoded),
             ],
         )
@@ -271,7 +277,7 @@ class JobStore:
         encoded = fields_to_hash({**(set_fields or {}), "status": status.value})
         clear = list(clear_fields)
         reply = await self._transition(
-            keys=[job_key(job_id), self.queue_name, FAILURES_KEY],
+            keys=[job_key(job_id), self.queue_name, FAILURES_KEY, INFLIGHT_KEY, VERIFY_KEY],
             args=[
                 JOB_KEY_PREFIX,
                 CLIENT_KEY_PREFIX,
@@ -287,6 +293,49 @@ class JobStore:
         )
         current = _text(reply[1])
         return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
+
+    async def sweep(self, *, claimed_before: datetime, limit: int = 500) -> list[str]:
+        """Requeue jobs claimed before `claimed_before` that are pending but in no queue.
+
+        Only arq's own job timeout can leave one (it drops the job, not our record);
+        the worker's shorter limit makes that rare, and this makes it harmless.
+        """
+        candidates = await self.redis.zrangebyscore(
+            INFLIGHT_KEY, "-inf", int(claimed_before.timestamp() * 1000), start=0, num=limit
+        )
+        if not candidates:
+            return []
+        now_ms = int(utcnow().timestamp() * 1000)
+        args: list[str | int] = [
+            JOB_KEY_PREFIX,
+            job_key_prefix,
+            in_progress_key_prefix,
+            self.pending_ttl_ms,
+        ]
+        for raw in candidates:
+            job_id = _text(raw)
+            args += [job_id, _payload(job_id, now_ms).decode()]
+        requeued = await self._sweep(keys=[self.queue_name, INFLIGHT_KEY], args=args)
+        return [_text(job_id) for job_id in requeued]
+
+    async def due_verifications(self, *, limit: int = 100) -> list[str]:
+        """Applied jobs whose duplicate check is due."""
+        now_ms = int(utcnow().timestamp() * 1000)
+        ids = await self.redis.zrangebyscore(VERIFY_KEY, "-inf", now_ms, start=0, num=limit)
+        return [_text(job_id) for job_id in ids]
+
+    async def verified(self, job_id: str, duplicates: int | None) -> None:
+        """Record the duplicate check's finding (None: the record is gone) and dequeue it."""
+        if duplicates:
+            await self.redis.hincrby(STATS_TOTAL_KEY, "duplicated", 1)  # type: ignore[misc]
+        if duplicates is not None:
+            await self.transition(
+                job_id,
+                allowed=(Status.APPLIED,),
+                status=Status.APPLIED,
+                set_fields={"duplicate_transitions": duplicates},
+            )
+        await self.redis.zrem(VERIFY_KEY, job_id)
 
     async def progress(self, job_id: str, *, cap: int = 100) -> Progress:
         """What the job waits for: unfinished earlier changes to its run, its queue place."""
@@ -346,11 +395,15 @@ class RateLimiter:
         return int(wait_ms) / 1000
 
 
-def _item(record: JobRecord) -> dict[str, Any]:
-    enqueue_ms = int(record.enqueued_at.timestamp() * 1000)
-    payload = serialize_job(
-        APPLY_STATE_CHANGE, (record.job_id,), {}, None, enqueue_ms, serializer=json_serializer
+def _payload(job_id: str, enqueue_ms: int) -> bytes:
+    """arq's queue entry for a job: only its id, as JSON."""
+    return serialize_job(
+        APPLY_STATE_CHANGE, (job_id,), {}, None, enqueue_ms, serializer=json_serializer
     )
+
+
+def _item(record: JobRecord) -> dict[str, Any]:
+    payload = _payload(record.job_id, int(record.enqueued_at.timestamp() * 1000))
     fields = record.to_hash()
     fields.pop("seq", None)
     return {
