@@ -8,7 +8,10 @@ FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # Every `pmq` started as root switches to this user once it has read its
+    # secrets, which compose mounts with the host file's owner and mode (600).
+    PMQ_RUN_AS=10001:10001
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin pmq
 WORKDIR /app
@@ -17,7 +20,8 @@ COPY worker ./worker
 COPY mcp_frontend ./mcp_frontend
 RUN pip install . && rm -rf /root/.cache
 
-USER pmq
+# Root until the secrets are read: see PMQ_RUN_AS above and mcp_frontend/privileges.py.
+USER root
 EXPOSE 8000 9100
 ENTRYPOINT ["pmq"]
 CMD ["serve", "--transport", "http", "--host", "0.0.0.0", "--port", "8000"]

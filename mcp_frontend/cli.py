@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from mcp_frontend.devstack import StartupError, client_config, dev_stack
 from mcp_frontend.jobs_cli import jobs
 from mcp_frontend.logs import configure_logging
+from mcp_frontend.privileges import RunAsError, drop_privileges
 from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 
@@ -31,6 +32,21 @@ app = typer.Typer(
     help="prefect-mcp-queue: queue Prefect state changes for fleets of agents.",
     no_args_is_help=True,
 )
+
+
+@app.callback()
+def _leave_root(ctx: typer.Context) -> None:
+    """Every command but `serve` (which first reads its tokens) leaves root at once."""
+    if ctx.invoked_subcommand != "serve":
+        _drop_privileges(Settings())
+
+
+def _drop_privileges(settings: Settings) -> None:
+    try:
+        drop_privileges(settings.run_as)
+    except (RunAsError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 health = typer.Typer(help="Health checks for container orchestrators: exit 0 when healthy.")
@@ -72,6 +88,7 @@ def serve(
 
     settings = Settings()
     if transport is Transport.stdio:
+        _drop_privileges(settings)
         _logging(settings)
         build_server(settings).run("stdio")  # the local user owns stdio: no tokens
         return
@@ -83,6 +100,7 @@ def serve(
     except (TokenConfigError, UnsafeBind, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _drop_privileges(settings)  # the tokens file may be readable by root only
     _logging(settings, tokens)
     count = processes or settings.http_processes
     if count == 1:
@@ -93,6 +111,9 @@ def serve(
     # Several processes accept on one socket and the kernel spreads connections;
     # each child builds its app from the same environment (see http_app_factory).
     os.environ["PMQ_HTTP_HOST"], os.environ["PMQ_HTTP_PORT"] = bind_host, str(bind_port)
+    # The children can no longer read a root-only tokens file: they get what was read.
+    os.environ["PMQ_AUTH_TOKENS"] = ",".join(f"{t}:{c}" for t, c in tokens.items())
+    os.environ.pop("PMQ_AUTH_TOKENS_FILE", None)
     uvicorn.run(
         "mcp_frontend.cli:http_app_factory",
         factory=True,
@@ -198,6 +219,26 @@ def health_worker() -> None:
             await close_redis(redis)
 
     raise typer.Exit(0 if asyncio.run(fresh()) else 1)
+
+
+@health.command("frontend")
+def health_frontend(
+    url: Annotated[
+        str, typer.Option(help="The frontend's /readyz.")
+    ] = "http://127.0.0.1:8000/readyz",
+) -> None:
+    """Healthy when the frontend can accept changes: it answers and reaches Redis.
+
+    Not /readyz's own verdict, which also needs a live worker and Prefect: a
+    frontend keeps queueing changes through a Prefect outage, and restarting it
+    then would only drop callers.
+    """
+    try:
+        body = httpx.get(url, timeout=3).json()
+        ok = isinstance(body, dict) and body.get("redis") == "ok"
+    except (httpx.HTTPError, ValueError):
+        ok = False
+    raise typer.Exit(0 if ok else 1)
 
 
 @health.command("http")

@@ -22,6 +22,8 @@ class RedactSecrets(logging.Filter):
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's copy of the message with ANSI colours: JSON lines would carry it.
+        record.__dict__.pop("color_message", None)
         if self.secrets:
             message = record.getMessage()
             for secret in self.secrets:

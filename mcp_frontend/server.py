@@ -320,11 +320,13 @@ def _auth_options(tokens: dict[str, str] | None, public_url: str | None) -> dict
     url = (public_url or "http://127.0.0.1").rstrip("/")
     return {
         "token_verifier": StaticTokenVerifier(tokens),
-        # Tokens are issued out of band; the SDK still wants URLs to advertise.
-        # Static tokens carry no audience: the verifier itself decides what is ours.
+        # Static tokens are issued out of band: there is no authorization server to
+        # send OAuth clients to, so no protected-resource metadata names one (it would
+        # answer 404) and a 401 carries a plain `WWW-Authenticate: Bearer`. The SDK
+        # still wants an issuer URL; nothing advertises it.
         "auth": AuthSettings(
             issuer_url=AnyHttpUrl(url),
-            resource_server_url=AnyHttpUrl(url + "/mcp"),
+            resource_server_url=None,
             validate_token_resource=False,
         ),
     }

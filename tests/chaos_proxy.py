@@ -27,6 +27,16 @@ class Fault:
     retry_after_s: float | None = None
 
 
+@dataclass
+class Held:
+    """A request a stalled server has read and not yet processed."""
+
+    arrived: float  # time.monotonic()
+    path: str
+    gate: asyncio.Event
+    done: threading.Event
+
+
 class ChaosProxy:
     """Forwards to `upstream`; answers the next scripted faults instead, in order.
 
@@ -52,6 +62,10 @@ class ChaosProxy:
         self.forwarded = 0
         self.request_times: list[float] = []  # time.monotonic() of every request
         self._lock = threading.Lock()
+        # A stalled server (see hold()): the requests it has read, oldest first.
+        self._holding = False
+        self.held: list[Held] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -83,7 +97,34 @@ class ChaosProxy:
                 self.forwarded += 1
             return fault
 
+    def hold(self) -> None:
+        """Stall like a frozen server: read every request (probes too), answer none."""
+        self._holding = True
+
+    def release_newest_first(self, *, overtaken_for_s: float | None = None) -> None:
+        """Wake up as a frozen server does: work through the backlog one request at a
+        time, the newest first (the worst order for a client that retried), while new
+        requests queue behind it; then serve as usual. Blocks until the backlog is done.
+
+        `overtaken_for_s`: new requests are served at once instead, and the backlog only
+        after that many seconds, as when one of several Prefect API processes froze.
+        """
+        assert self._loop is not None
+        backlog, self.held = self.held, []
+        if overtaken_for_s is not None:
+            self._holding = False
+            time.sleep(overtaken_for_s)  # the fault's duration, not a wait for a condition
+        for held in reversed(backlog):
+            self._loop.call_soon_threadsafe(held.gate.set)
+            held.done.wait(30)
+        self._holding = False
+        for held in self.held:  # arrived during the backlog: in their order
+            self._loop.call_soon_threadsafe(held.gate.set)
+        self.held = []
+
     async def _handle(self, request: Request) -> Response:
+        if self._holding:
+            return await self._held(request)
         # Workers' health probes pass untouched and uncounted: faults are for the jobs.
         probe = request.path_params["path"].endswith("/health")
         fault = None if probe else self._next_fault()
@@ -98,18 +139,32 @@ class ChaosProxy:
             delay_s = self.latency_s + self.latency_per_in_flight_s * self.in_flight
             if delay_s:
                 await asyncio.sleep(delay_s)
-            async with httpx.AsyncClient() as client:
-                upstream = await client.request(
-                    request.method,
-                    f"{self.upstream}/{request.path_params['path']}",
-                    params=request.query_params,
-                    content=await request.body(),
-                    headers={
-                        "content-type": request.headers.get("content-type", "application/json")
-                    },
-                )
+            return await self._forward(request, await request.body())
         finally:
             self.in_flight -= 1
+
+    async def _held(self, request: Request) -> Response:
+        """Keep a request until released, then forward it even if its caller has gone,
+        as a server woken from SIGSTOP processes what it had read."""
+        self._loop = asyncio.get_running_loop()
+        body = await request.body()
+        held = Held(time.monotonic(), request.url.path, asyncio.Event(), threading.Event())
+        self.held.append(held)
+        await held.gate.wait()
+        try:
+            return await self._forward(request, body)
+        finally:
+            held.done.set()
+
+    async def _forward(self, request: Request, body: bytes) -> Response:
+        async with httpx.AsyncClient() as client:
+            upstream = await client.request(
+                request.method,
+                f"{self.upstream}/{request.path_params['path']}",
+                params=request.query_params,
+                content=body,
+                headers={"content-type": request.headers.get("content-type", "application/json")},
+            )
         return Response(
             upstream.content,
             upstream.status_code,

@@ -81,6 +81,11 @@ def test_missing_or_wrong_token_is_401(secured: tuple[str, Service]) -> None:
     assert missing.status_code == 401 and "Bearer" in missing.headers["WWW-Authenticate"]
     assert wrong.status_code == 401
     assert right.status_code == 200
+    # Static tokens have no authorization server: advertising one (it answered 404,
+    # and named the bind address 0.0.0.0 in compose) sent OAuth clients astray.
+    assert "resource_metadata" not in missing.headers["WWW-Authenticate"]
+    base = url.removesuffix("/mcp")
+    assert _status(base + "/.well-known/oauth-protected-resource/mcp") == 404
 
 
 async def test_each_client_sees_only_its_own_jobs(

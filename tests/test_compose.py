@@ -1,16 +1,20 @@
-"""compose.yaml: checked by a real Compose parser, and its services run here without Docker.
+"""compose.yaml without a Docker engine: a real Compose parser, and its services as processes.
 
-No Docker engine runs on our machines. So the file goes through
-`docker-compose config` (Debian's docker-compose), and the project's own
-services are started as processes with exactly the command and environment
-that the file gives them, service hostnames mapped to this machine.
+`make test-compose` (tests/compose/) runs the stack in a real engine; what can
+be shown without one runs here, in `make test`: the file through
+`docker-compose config`, every setting reachable from `.env`, the project's
+services started with exactly the file's command and environment (service
+hostnames mapped to this machine), and the image's root-then-drop start with a
+private tokens file.
 """
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import prefect
 import pytest
 import typer
@@ -46,6 +50,51 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
+
+
+def _config(env_file: Path, tokens: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "--env-file", str(env_file), "config"],
+        env={"PATH": "/usr/bin:/bin", "PMQ_TOKENS_FILE": str(tokens)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+# Set by the service's command, its secret, the image, or used only by benchmarks.
+NOT_FROM_ENV_FILE = {
+    "PMQ_HTTP_HOST",
+    "PMQ_HTTP_PORT",
+    "PMQ_AUTH_TOKENS_FILE",
+    "PMQ_WORKER_METRICS_PORT",
+    "PMQ_WORKER_METRICS_HOST",
+    "PMQ_RUN_AS",
+    "PMQ_BENCH_NOOP_TOOL",
+}
+
+
+def test_every_setting_can_be_set_from_the_env_file(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """Each value in `.env` reaches the services that read it; unset ones stay empty."""
+    names = setting_names() - NOT_FROM_ENV_FILE
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name}=from-env-{name}\n" for name in sorted(names)))
+    tokens = tmp_path / "pmq_tokens"
+    tokens.write_text(f"{ALICE}:alice\n")
+    services = _config(env_file, tokens)["services"]
+    for name in sorted(names):
+        given = {s: services[s]["environment"].get(name) for s in OURS}
+        assert f"from-env-{name}" in given.values(), f"{name} cannot be set from .env"
+    # With nothing set, a setting stays empty (= its default), never a literal "${...}".
+    for service in OURS:
+        for name, value in compose["services"][service]["environment"].items():
+            assert "$" not in str(value or ""), (service, name, value)
 
 
 def setting_names() -> set[str]:
@@ -149,3 +198,39 @@ def _mapped(value: Any, hosts: dict[str, str]) -> str:
     for name, here in hosts.items():
         text = text.replace(name, here)
     return text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting as root is what the image does")
+def test_the_image_start_reads_a_private_tokens_file_then_leaves_root(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """As in the image: started as root with PMQ_RUN_AS, a mode-600 tokens file owned
+    by someone else (compose mounts the host's file as it is) is read, and the process
+    serves as the unprivileged user."""
+    tokens = tmp_path / "pmq_tokens"
+    tokens.write_text(f"{ALICE}:alice\n")
+    tokens.chmod(0o600)
+    os.chown(tokens, 4321, 4321)  # an operator's uid, not the service's
+    tmp_path.chmod(0o755)
+    frontend, port = stack.start_frontend(
+        "--host", "0.0.0.0", auth_tokens_file=str(tokens), run_as="65534:65534"
+    )
+    assert frontend.proc is not None
+    status = Path(f"/proc/{frontend.proc.pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert uids == ["65534"] * 4
+    url = f"http://127.0.0.1:{port}/mcp"
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"},
+        },
+    }
+    headers = {"Accept": "application/json, text/event-stream"}
+    assert httpx.post(url, json=initialize, headers=headers, timeout=5).status_code == 401
+    headers["Authorization"] = f"Bearer {ALICE}"
+    assert httpx.post(url, json=initialize, headers=headers, timeout=5).status_code == 200

@@ -19,6 +19,27 @@ PREFECT_KEY = "pnu_prefect-key-0a1b2c3d4e5f"
 PREFECT_AUTH = "admin:prefect-auth-9z8y7x"
 
 
+def test_uvicorns_coloured_copy_of_a_message_stays_out_of_json_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(json_lines=True, level="INFO", secrets=[])
+    try:
+        # What uvicorn logs on start, seen in `docker compose logs` with ANSI escapes.
+        # (Not through uvicorn's own logger: a uvicorn started by another test may
+        # have raised its level.)
+        logging.getLogger("pmq.test.uvicorn").warning(
+            "Uvicorn running on %s",
+            "http://0.0.0.0:8000",
+            extra={"color_message": "Uvicorn running on \x1b[1m%s\x1b[0m"},
+        )
+        line = json.loads(capsys.readouterr().err)
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.captureWarnings(False)
+    assert line["message"] == "Uvicorn running on http://0.0.0.0:8000"
+    assert "color_message" not in line
+
+
 def test_secrets_are_scrubbed_from_messages_and_tracebacks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -12,19 +12,32 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
+import anyio
 import httpx
+from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from mcp_frontend.devstack import PrefectServer, RedisServer, free_port
+from mcp_frontend.jobs import job_store
 from mcp_frontend.server import build_server
-from tests.chaos_proxy import BlackHole
+from tests.chaos_proxy import BlackHole, ChaosProxy
 from tests.conftest import TEST_SETTINGS, Services, Stack, wait_for
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
-from worker.contract import TERMINAL_STATUSES
+from worker.contract import (
+    INFLIGHT_KEY,
+    PENDING_STATUSES,
+    STATS_TOTAL_KEY,
+    TERMINAL_STATUSES,
+    utcnow,
+)
+from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 
 
@@ -134,3 +147,131 @@ async def test_a_frozen_prefect_gets_each_change_once(
         assert all(j["duplicate_transitions"] in (None, 0) for j in done)
     finally:
         await runs.aclose()
+
+
+async def test_a_stalled_prefect_that_wakes_in_the_worst_order_gets_each_change_once(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    """The frozen server of the test above, made deterministic: the proxy reads every
+    request and answers none, then processes them newest first, so a history read
+    sent last is answered before the first set_state, which lands after it."""
+    flow_run = await prefect.flow_run("RUNNING")
+    task_runs = [await prefect.task_run(flow_run) for _ in range(10)]
+    stack.start_worker(
+        prefect_api_url=proxy.url + "/api",
+        prefect_timeout_s=2,
+        settle_s=2,
+        max_attempts=100,
+        heartbeat_s=1,
+    )
+    async with Client(build_server(stack.settings)) as client:
+        proxy.hold()
+        tickets = [
+            await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
+            for run in task_runs
+        ]
+        job_ids = [t["job_id"] for t in tickets]
+        stalled_until = time.monotonic() + 3 * (2 + 2)
+        # Wake while some request is fresh, so its caller still waits for the answer.
+        while time.monotonic() < stalled_until or not (
+            proxy.held and time.monotonic() - proxy.held[-1].arrived < 0.5
+        ):
+            jobs = (await ok(client, "get_jobs", job_ids=job_ids))["jobs"]
+            assert not [j for j in jobs if j["status"] in TERMINAL_STATUSES]
+            await ok(client, "get_job", job_id=job_ids[0], wait_s=0.1)
+        await anyio.to_thread.run_sync(proxy.release_newest_first)
+        done = [await wait_terminal(client, job_id, timeout_s=90) for job_id in job_ids]
+    assert [j["status"] for j in done] == ["applied"] * len(done)
+    histories = [[s["type"] for s in await prefect.history("task", run)] for run in task_runs]
+    assert histories == [["PENDING", "RUNNING"]] * len(task_runs)
+    assert all(j["duplicate_transitions"] in (None, 0) for j in done)
+
+
+async def test_a_change_written_twice_anyway_is_reported_on_its_job(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    """No client rule can see a request stuck in one of several Prefect API processes
+    while the others answer: the worker sends the change again, and the late copy
+    lands after. The duplicate check must then find it and say so."""
+    flow_run = await prefect.flow_run("RUNNING")
+    task_runs = [await prefect.task_run(flow_run) for _ in range(3)]
+    stack.start_worker(
+        prefect_api_url=proxy.url + "/api",
+        prefect_timeout_s=2,
+        settle_s=3,
+        max_attempts=100,
+        heartbeat_s=1,
+        sweep_interval_s=0.5,
+    )
+    async with Client(build_server(stack.settings)) as client:
+        proxy.hold()
+        tickets = [
+            await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
+            for run in task_runs
+        ]
+        job_ids = [t["job_id"] for t in tickets]
+        # Until every first try has timed out: nothing can be known before that.
+        await _until_all(client, job_ids, lambda j: j["status"] == "waiting" and j["attempts"])
+        # Served again at once; the stuck first tries land 7 s later: after the worker's
+        # history read (3 to 6 s from now: 3 s of answers), before its duplicate check
+        # (2 + 2 x 3 s after it sent the change again).
+        await anyio.to_thread.run_sync(lambda: proxy.release_newest_first(overtaken_for_s=7))
+        done = [await wait_terminal(client, job_id, timeout_s=60) for job_id in job_ids]
+        assert [j["status"] for j in done] == ["applied"] * len(done)
+        reported = await _until_all(
+            client, job_ids, lambda j: j["duplicate_transitions"] is not None
+        )
+    copies = [
+        [s["type"] for s in await prefect.history("task", run)].count("RUNNING")
+        for run in task_runs
+    ]
+    assert copies == [2] * len(task_runs)  # the fault did what it should
+    assert [j["duplicate_transitions"] for j in reported] == [1] * len(task_runs)
+    duplicated = cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "duplicated"))
+    assert int(duplicated) == len(task_runs)
+
+
+async def _until_all(
+    client: Client, job_ids: list[str], done: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """Poll until `done` holds for every job; return them."""
+    deadline = time.monotonic() + 60
+    while True:
+        jobs: list[dict[str, Any]] = (await ok(client, "get_jobs", job_ids=job_ids))["jobs"]
+        if all(done(job) for job in jobs):
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        await ok(client, "get_job", job_id=job_ids[0], wait_s=0.2)
+
+
+async def test_the_sweeper_requeues_a_job_that_arq_dropped_while_it_ran(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    """What arq leaves after its own job timeout: the record `running`, and neither a
+    queue entry nor a payload nor an in-progress key. Nothing else would run it again."""
+    flow_run = await prefect.flow_run()
+    async with Client(build_server(stack.settings)) as client:
+        ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
+    job_id = ticket["job_id"]
+    redis = redis_client(stack.settings)
+    try:
+        store = job_store(redis, stack.settings)
+        long_ago = utcnow() - timedelta(hours=1)
+        claim = await store.claim(
+            job_id,
+            allowed=PENDING_STATUSES,
+            set_fields={"started_at": long_ago, "attempt_started_at": long_ago},
+            recheck_at=utcnow(),
+        )
+        assert claim.outcome == "claimed"
+        await redis.zadd(INFLIGHT_KEY, {job_id: 0})  # claimed long ago
+        await redis.zrem(default_queue_name, job_id)
+        await redis.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+    finally:
+        await close_redis(redis)
+    stack.start_worker(sweep_interval_s=0.5)
+    async with Client(build_server(stack.settings)) as client:
+        job = await wait_terminal(client, job_id, timeout_s=60)
+    assert job["status"] == "applied"
+    assert [s["type"] for s in await prefect.history("flow", flow_run)] == ["PENDING", "RUNNING"]
+    assert cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "swept")) == b"1"

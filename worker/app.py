@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import statistics
@@ -215,7 +216,9 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
         if outcome.resent and outcome.status is Status.APPLIED:
             # The rule above makes a duplicate unlikely, not impossible (a Prefect of
             # several API processes, one frozen): look once more when all calls are over.
-            verify_at = utcnow() + timedelta(seconds=settings.prefect_timeout_s + settings.settle_s)
+            verify_at = utcnow() + timedelta(
+                seconds=settings.prefect_timeout_s + 2 * settings.settle_s
+            )
         await _finish(store, record, outcome, allowed=(Status.RUNNING,), verify_at=verify_at)
         return
     # An earlier try's uncertainty stands until a history read has settled it.
@@ -511,6 +514,9 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "poll_delay": settings.worker_poll_delay_s,
         "keep_result": 0,
         "handle_signals": True,
+        # SIGTERM (`docker stop`): take no new job, let the running ones finish (each is
+        # bounded by the job timeout), then stop; compose's stop_grace_period is longer.
+        "job_completion_wait": math.ceil(settings.job_timeout_s),
     }
     options.update(overrides)
     worker = Worker(**options)

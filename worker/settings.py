@@ -149,7 +149,14 @@ class Settings(BaseSettings):
         "loopback bind, any on others.",
     )
     public_url: str | None = Field(
-        None, description="The frontend's external URL, advertised to OAuth-aware clients."
+        None,
+        description="The frontend's external URL, for OAuth metadata once an authorization "
+        "server is configured; static tokens advertise none.",
+    )
+    run_as: str | None = Field(
+        None,
+        description="`uid[:gid]` a `pmq` started as root switches to once it has read its "
+        "secrets (the image sets 10001:10001); ignored when not root.",
     )
     log_format: Literal["json", "text"] = Field(
         "json", description="`json`: one JSON object per line; `text` for reading by eye."
