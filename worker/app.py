@@ -1,7 +1,6 @@
-"""The arq worker: its settings, its resources, and the one job it runs.
+"""The arq worker: its settings, its resources, its background tasks and restart loop.
 
-arq stays behind this module and `worker.store`: the job function gets a job
-id, everything else comes from the record in Redis.
+The job itself is `worker.job.apply_state_change`.
 """
 
 from __future__ import annotations
@@ -10,40 +9,26 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
-import statistics
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
-from arq.worker import Retry, Worker, func
+from arq.worker import Worker, func
 from prefect.client.orchestration import get_client
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
-from worker.applier import Outcome, PrefectApplier, without_connect_retries
-from worker.concurrency import AdaptiveLimit, LimitSettings, SlotTimeout
+from worker import heartbeat, sweeper
+from worker.applier import PrefectApplier, without_connect_retries
+from worker.concurrency import AdaptiveLimit, LimitSettings
 from worker.contract import (
     APPLY_STATE_CHANGE,
-    PENDING_STATUSES,
-    SWEEPER_LOCK_KEY,
     WORKER_KEY_PREFIX,
-    ErrorCode,
-    JobError,
-    JobRecord,
-    Status,
     json_deserializer,
     json_serializer,
-    utcnow,
 )
-from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
-from worker.policy import backoff_s
+from worker.job import after_job_end, apply_state_change
 from worker.redis_conn import arq_redis_settings
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter
@@ -52,297 +37,7 @@ log = logging.getLogger(__name__)
 
 # Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
 _ARQ_MAX_TRIES = 1_000_000
-_PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
-_SLOT_RETRY_S = 0.5
-# arq's own job timeout is this much longer than ours, so ours always fires first.
-_ARQ_TIMEOUT_MARGIN_S = 10.0
 _SPARE_JOBS = 6  # jobs a worker holds beyond its Prefect call slots: a poll interval's worth
-
-
-async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
-    """Apply one queued change to Prefect and record the outcome."""
-    settings: Settings = ctx["settings"]
-    try:
-        # Ours, inside arq's (which is longer): arq would drop a job it times out,
-        # leaving its record `running` with no queue entry.
-        async with asyncio.timeout(settings.job_timeout_s):
-            await _run(ctx, job_id)
-    except TimeoutError:
-        await _cut_off(ctx["store"], job_id, settings.job_timeout_s)
-    except RedisError as exc:
-        # Any exception but Retry would make arq drop the job; this keeps it queued.
-        log.warning("job %s: Redis error, will try again: %s", job_id, exc)
-        raise Retry(defer=1.0) from exc
-
-
-async def _cut_off(store: JobStore, job_id: str, limit_s: float) -> None:
-    """An attempt ran out of time: a defined status, and the job stays queued.
-
-    Its call may have reached Prefect, so the next try settles first (`ambiguous`).
-    """
-    log.warning("job %s: attempt cut off after %g s; it will be tried again", job_id, limit_s)
-    error = JobError(code=ErrorCode.TRANSIENT, message=f"attempt cut off after {limit_s:g} s")
-    moved = await store.transition(
-        job_id,
-        allowed=(Status.RUNNING,),
-        status=Status.WAITING,
-        set_fields={"ambiguous": True, "error": error, "next_attempt_at": utcnow()},
-    )
-    if moved.applied or (moved.status is not None and not moved.status.is_terminal):
-        raise Retry(defer=_SLOT_RETRY_S)
-
-
-async def _run(ctx: dict[str, Any], job_id: str) -> None:
-    store: JobStore = ctx["store"]
-    record = await store.load(job_id)
-    if record is None:
-        log.warning("job %s has no record (expired or deleted); nothing to apply", job_id)
-        return
-    if record.status.is_terminal:
-        return  # cancelled while queued, or a re-delivery of a finished job
-    try:
-        async with _lease(ctx["redis"], job_id, ctx["settings"].worker_lease_s):
-            await _attempt(ctx, record)
-    except (Retry, RedisError):
-        raise
-    except Exception as exc:
-        log.exception("job %s: unexpected error", job_id)
-        error = JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
-        await _finish(
-            store,
-            record,
-            Outcome(Status.FAILED, error=error),
-            allowed=(*PENDING_STATUSES, Status.RUNNING),
-        )
-
-
-@contextlib.asynccontextmanager
-async def _lease(redis: ArqRedis, job_id: str, lease_s: float) -> AsyncIterator[None]:
-    """Keep arq's in-progress key alive while this worker holds the job.
-
-    arq would keep it for the longest job timeout plus 10 s, so a killed
-    worker's jobs would wait minutes; a short lease renewed by the living
-    worker brings that down to `lease_s`.
-    """
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            try:
-                await redis.pexpire(in_progress_key_prefix + job_id, int(lease_s * 1000))
-            except RedisError:
-                log.warning("job %s: could not renew its lease", job_id, exc_info=True)
-
-    renewer = asyncio.create_task(renew())
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
-
-
-async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
-    store: JobStore = ctx["store"]
-    settings: Settings = ctx["settings"]
-    now = utcnow()
-    if now >= record.deadline:
-        await _exhausted(store, record, "job deadline passed before the change could be applied")
-        return
-    # A worker died mid-attempt (arq re-delivered a `running` job), or the last try
-    # ended without an answer: Prefect may have written the change, even after the
-    # call timed out. Read the history only once that call must be over.
-    uncertain = record.status is Status.RUNNING or record.ambiguous
-    if uncertain:
-        applier: PrefectApplier = ctx["applier"]
-        if applier.answering_since is None:
-            await applier.probe()
-        settled_at = _settled_at(applier, settings, record)
-        if now < settled_at:
-            await _settle(store, record, settled_at)
-    concurrency: AdaptiveLimit = ctx["concurrency"]
-    try:
-        # The slot is taken before the claim: `running` means a Prefect call is due now.
-        async with concurrency.slot(timeout_s=settings.prefect_timeout_s / 2):
-            await _claim_and_apply(ctx, record, uncertain)
-    except SlotTimeout:
-        # Prefect is slow and this worker's calls in flight are at their limit: give
-        # the job back (still `queued`, no attempt used) for any worker to take.
-        raise Retry(defer=_SLOT_RETRY_S) from None
-
-
-def _settled_at(applier: PrefectApplier, settings: Settings, record: JobRecord) -> datetime:
-    """From when a history read without this job's transition proves that no earlier
-    try of it can still be written.
-
-    The earlier call must be over (its timeout plus `settle_s`), and Prefect must have
-    answered every call for `settle_s`: a stalled server (SIGSTOP, `docker pause`, a
-    saturated host) keeps the requests it has read, and processes them when it wakes,
-    in any order with the history read. While Prefect does not answer, never.
-    """
-    settle = timedelta(seconds=settings.settle_s)
-    if applier.answering_since is None:
-        return utcnow() + settle  # look again then; no attempt is used meanwhile
-    settled_at = applier.answering_since + settle
-    if record.attempt_started_at is not None:
-        call_over = record.attempt_started_at + timedelta(seconds=settings.prefect_timeout_s)
-        settled_at = max(settled_at, call_over + settle)
-    return settled_at
-
-
-async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bool) -> None:
-    store: JobStore = ctx["store"]
-    settings: Settings = ctx["settings"]
-    now = utcnow()
-    recheck_s = min(settings.gate_recheck_s, max((record.deadline - now).total_seconds(), 0.1))
-    claim = await store.claim(
-        record.job_id,
-        allowed=(*PENDING_STATUSES, Status.RUNNING),
-        set_fields={"started_at": record.started_at or now, "attempt_started_at": now},
-        recheck_at=now + timedelta(seconds=recheck_s),
-    )
-    if claim.outcome == "blocked":
-        # Waiting behind an earlier change to this run: not an attempt. The earlier
-        # change wakes this one when it finishes; the deferral is only a safety net.
-        ctx[_PARKED] = True
-        raise Retry(defer=recheck_s)
-    if claim.outcome != "claimed":
-        return  # cancelled or finished meanwhile
-    outcome = await ctx["applier"].apply(record, check_history=uncertain)
-    if outcome.called:
-        record = record.model_copy(update={"attempts": record.attempts + 1})
-    if outcome.status is not Status.WAITING:
-        verify_at = None
-        if outcome.resent and outcome.status is Status.APPLIED:
-            # The rule above makes a duplicate unlikely, not impossible (a Prefect of
-            # several API processes, one frozen): look once more when all calls are over.
-            verify_at = utcnow() + timedelta(
-                seconds=settings.prefect_timeout_s + 2 * settings.settle_s
-            )
-        await _finish(store, record, outcome, allowed=(Status.RUNNING,), verify_at=verify_at)
-        return
-    # An earlier try's uncertainty stands until a history read has settled it.
-    ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
-    await _defer(store, settings, record, replace(outcome, ambiguous=ambiguous))
-
-
-async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> None:
-    """Defer an uncertain job until its interrupted call must be over; no attempt used."""
-    moved = await store.transition(
-        record.job_id,
-        allowed=(Status.RUNNING, Status.WAITING),
-        status=Status.WAITING,
-        set_fields={"next_attempt_at": settled_at, "ambiguous": True},
-    )
-    if moved.applied:
-        raise Retry(defer=(settled_at - utcnow()).total_seconds())
-
-
-async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome: Outcome) -> None:
-    """Send a job back to the queue after a transient error, a WAIT or the rate limit."""
-    failures = record.transient_failures + (1 if outcome.transient else 0)
-    if outcome.transient:
-        delay = backoff_s(
-            failures,
-            base_s=settings.backoff_base_s,
-            max_s=settings.backoff_max_s,
-            retry_after_s=outcome.delay_s,
-        )
-    else:
-        delay = outcome.delay_s or 0.0
-    next_at = utcnow() + timedelta(seconds=delay)
-    if outcome.error:
-        reason = outcome.error.message
-    elif outcome.orchestration:
-        reason = f"Prefect answered WAIT: {outcome.orchestration.reason}"
-    else:
-        reason = "the shared Prefect rate limit"
-    if failures >= settings.max_attempts:
-        await _exhausted(store, record, f"{failures} transient failures; last: {reason}")
-        return
-    if next_at > record.deadline:
-        await _exhausted(store, record, f"next try would pass the job deadline; last: {reason}")
-        return
-    fields: dict[str, Any] = {
-        "next_attempt_at": next_at,
-        "transient_failures": failures,
-        "attempts": record.attempts,
-        "ambiguous": outcome.ambiguous,
-    }
-    if outcome.orchestration:
-        fields["orchestration"] = outcome.orchestration
-    if outcome.error:
-        fields["error"] = outcome.error
-    moved = await store.transition(
-        record.job_id, allowed=(Status.RUNNING,), status=Status.WAITING, set_fields=fields
-    )
-    if moved.applied:
-        raise Retry(defer=delay)
-
-
-async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
-    error = JobError(code=ErrorCode.RETRIES_EXHAUSTED, message=message)
-    await _finish(
-        store,
-        record,
-        Outcome(Status.FAILED, error=error),
-        allowed=(*PENDING_STATUSES, Status.RUNNING),
-    )
-
-
-async def _finish(
-    store: JobStore,
-    record: JobRecord,
-    outcome: Outcome,
-    *,
-    allowed: tuple[Status, ...],
-    verify_at: datetime | None = None,
-) -> None:
-    fields: dict[str, Any] = {"finished_at": utcnow(), "attempts": record.attempts}
-    if verify_at is not None:
-        fields["verify_at_ms"] = int(verify_at.timestamp() * 1000)
-    clear = ["next_attempt_at", "blocked_on"]
-    if outcome.orchestration:
-        fields["orchestration"] = outcome.orchestration
-    if outcome.error:
-        fields["error"] = outcome.error
-    else:
-        clear.append("error")  # a transient error seen while waiting is history now
-    await store.transition(
-        record.job_id, allowed=allowed, status=outcome.status, set_fields=fields, clear_fields=clear
-    )
-    JOBS_FINISHED.labels(outcome.status.value).inc()
-    JOB_LATENCY_SECONDS.labels(outcome.status.value).observe(
-        (fields["finished_at"] - record.enqueued_at).total_seconds()
-    )
-    level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
-    log.log(
-        level,
-        "job %s",
-        outcome.status.value,
-        extra={
-            "job_id": record.job_id,
-            "run_type": record.run_type.value,
-            "run_id": record.run_id,
-            "client_id": record.client_id,
-            "state": record.state.value,
-            "status": outcome.status.value,
-            "attempts": record.attempts,
-            "error_code": outcome.error.code.value if outcome.error else None,
-            "reason": (outcome.error.message if outcome.error else None)
-            or (outcome.orchestration.reason if outcome.orchestration else None),
-        },
-    )
-
-
-async def after_job_end(ctx: dict[str, Any]) -> None:
-    """Close the race between parking a job and its blocker finishing.
-
-    arq re-scores a retried job after our function returns, which can overwrite
-    the wake-up the blocker sent in between; re-checking here catches that.
-    """
-    if ctx.get(_PARKED):
-        await ctx["store"].recheck_parked(ctx["job_id"])
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -383,96 +78,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         recent_jobs=settings.recent_jobs,
     )
 
-    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
-    ctx["sweeper"] = asyncio.create_task(_sweeper(ctx))
-
-
-async def _heartbeat(ctx: dict[str, Any]) -> None:
-    """Say every `heartbeat_s` that this worker lives and whether Prefect answers it.
-
-    Prefect's state comes from the jobs' own calls; only an idle worker probes
-    /health, so the heartbeat adds no load to a busy Prefect.
-    """
-    settings: Settings = ctx["settings"]
-    applier: PrefectApplier = ctx["applier"]
-    redis: ArqRedis = ctx["redis"]
-    key = WORKER_KEY_PREFIX + worker_id()
-    while True:
-        try:
-            async with redis.pipeline(transaction=True) as pipe:  # never a key without TTL
-                pipe.hset(
-                    key,
-                    mapping={
-                        "seen_ms": int(time.time() * 1000),
-                        "prefect_ok": int(applier.prefect_ok),
-                        "pid": os.getpid(),
-                        # Median of its latest Prefect calls; -1 before the first.
-                        "prefect_ms": round(statistics.median(applier.recent_latencies_s) * 1000)
-                        if applier.recent_latencies_s
-                        else -1,
-                    },
-                )
-                pipe.pexpire(key, int(3 * settings.heartbeat_s * 1000))
-                await pipe.execute()
-        except RedisError:
-            log.warning("heartbeat not recorded: Redis unavailable")
-        stale = applier.last_answer_at is None or (
-            time.monotonic() - applier.last_answer_at > 6 * settings.heartbeat_s
-        )
-        if stale:
-            # Bounded by the beat, so a Prefect that never answers cannot make this
-            # worker look dead (the key lives three beats).
-            await applier.probe(timeout_s=settings.heartbeat_s / 2)
-        await asyncio.sleep(settings.heartbeat_s)
-
-
-async def _sweeper(ctx: dict[str, Any]) -> None:
-    """Every `sweep_interval_s`, one worker of the fleet requeues orphaned jobs and
-    reads the histories due for a duplicate check."""
-    settings: Settings = ctx["settings"]
-    store: JobStore = ctx["store"]
-    redis: ArqRedis = ctx["redis"]
-    interval_ms = int(settings.sweep_interval_s * 1000)
-    # A job claimed this long ago and in no queue cannot be held by a live arq run.
-    orphan_after = timedelta(
-        seconds=settings.job_timeout_s + _ARQ_TIMEOUT_MARGIN_S + settings.worker_lease_s
-    )
-    while True:
-        await asyncio.sleep(settings.sweep_interval_s)
-        try:
-            if not await redis.set(SWEEPER_LOCK_KEY, worker_id(), nx=True, px=interval_ms):
-                continue
-            for job_id in await store.sweep(claimed_before=utcnow() - orphan_after):
-                log.warning("job %s: requeued; arq had dropped it while pending", job_id)
-            await _verify_due(store, ctx["applier"])
-        except RedisError:
-            log.warning("sweep skipped: Redis unavailable")
-
-
-async def _verify_due(store: JobStore, applier: PrefectApplier) -> None:
-    for job_id in await store.due_verifications():
-        record = await store.load(job_id)
-        if record is None:
-            await store.verified(job_id, None)
-            continue
-        try:
-            found = await applier.find_transitions(record)
-        except (httpx.HTTPError, OSError):
-            return  # Prefect is away: the next sweep tries again
-        duplicates = max(len(found) - 1, 0)
-        if duplicates:
-            log.error(
-                "job %s: its change is in the run's history %d times",
-                job_id,
-                len(found),
-                extra={"job_id": job_id, "run_id": record.run_id, "duplicates": duplicates},
-            )
-        await store.verified(job_id, duplicates)
-
-
-def worker_id() -> str:
-    """This process, as named in its heartbeat key: host and pid."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    ctx["heartbeat"] = asyncio.create_task(heartbeat.beat(ctx))
+    ctx["sweeper"] = asyncio.create_task(sweeper.sweep(ctx))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -483,7 +90,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
                 await ctx[name]
     if "heartbeat" in ctx:
         with contextlib.suppress(RedisError):
-            await ctx["redis"].delete(WORKER_KEY_PREFIX + worker_id())
+            await ctx["redis"].delete(WORKER_KEY_PREFIX + heartbeat.worker_id())
     if "prefect" in ctx:
         await ctx["prefect"].__aexit__(None, None, None)
 
@@ -495,7 +102,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
             func(
                 apply_state_change,
                 name=APPLY_STATE_CHANGE,
-                timeout=settings.job_timeout_s + _ARQ_TIMEOUT_MARGIN_S,
+                timeout=settings.arq_job_timeout_s,
                 max_tries=_ARQ_MAX_TRIES,
                 keep_result=0,
             )

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
         timeout) and the inline rate-limit waits, with room for Redis.
 
         Crash recovery does not wait for it: a worker holds each job through a
-        renewed `worker_lease_s` lease instead (see worker.app).
+        renewed `worker_lease_s` lease instead (see worker.job).
         """
         return 2.5 * self.prefect_timeout_s + 5
+
+    @property
+    def arq_job_timeout_s(self) -> float:
+        """arq's own limit on one run of a job: longer than ours, so ours fires first
+        (arq drops a job it times out, leaving its record pending)."""
+        return self.job_timeout_s + 10
