@@ -15,10 +15,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin pmq
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# Dependencies first, in a layer that changes only with pyproject.toml: a code change
+# then rebuilds in seconds.
+RUN python -c "import subprocess, sys, tomllib; \
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+subprocess.check_call([sys.executable, '-m', 'pip', 'install', *deps])" \
+    && rm -rf /root/.cache
+COPY README.md ./
 COPY worker ./worker
 COPY mcp_frontend ./mcp_frontend
-RUN pip install . && rm -rf /root/.cache
+RUN pip install --no-deps . && rm -rf /root/.cache
 
 # Root until the secrets are read: see PMQ_RUN_AS above and mcp_frontend/privileges.py.
 USER root

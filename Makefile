@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install tools dev test lint typecheck pytest bench clean
+.PHONY: install tools dev test lint typecheck pytest bench clean test-compose
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -44,7 +44,21 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
+
+## compose.yaml as shipped, in a private Docker engine, driven as an operator would
+## (tests/compose/). Needs root: it starts dockerd and apt-gets debootstrap. Images are
+## built here and cached in $PMQ_COMPOSE_CACHE (default /var/cache/prefect-mcp-queue/docker).
+test-compose: install tools
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; \
+	  command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	  command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	fi
+	$(BIN)/python -m tests.compose.images
+	PMQ_COMPOSE_TEST=1 $(BIN)/pytest tests/compose -s --timeout 600
 
 ## Benchmarks B1-B4 (about 12 minutes on 2 cores): tables, PASS/FAIL per goal,
 ## JSON and charts in bench/results/, then the README's tables from them.

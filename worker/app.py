@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
 _ARQ_MAX_TRIES = 1_000_000
 _SPARE_JOBS = 6  # jobs a worker holds beyond its Prefect call slots: a poll interval's worth
+# After losing Redis: wait 0.5 s, doubling to 10 s while it stays away; a run that
+# lasted this long was a recovery, and the next loss starts from 0.5 s again.
+_FIRST_RESTART_DELAY_S = 0.5
+_STEADY_RUN_S = 30.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -151,15 +155,18 @@ def run_worker(settings: Settings) -> None:
         # Once per process, not per run below: the registry is process-wide, and a
         # second bind would fail with "Address already in use" after every restart.
         start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
-    delay_s = 0.5
+    delay_s = _FIRST_RESTART_DELAY_S
     while True:
         worker = build_worker(settings)
+        started = time.monotonic()
         try:
             worker.run()
             return
         except (RedisError, ConnectionError, socket.gaierror, TimeoutError) as exc:
             # Only what losing Redis raises: any other error (a bug, a bad setting)
             # must stop the process loudly rather than loop.
+            if time.monotonic() - started > _STEADY_RUN_S:
+                delay_s = _FIRST_RESTART_DELAY_S  # a new outage, not the same one going on
             log.warning("lost Redis (%s); starting over in %.1f s", exc, delay_s)
             with contextlib.suppress(RedisError, OSError):
                 worker.loop.run_until_complete(_close_after_lost_redis(worker))
