@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
 _SLOT_RETRY_S = 0.5
+_PROBE_TIMEOUT_S = 1.0
 
 
 async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
@@ -139,7 +140,10 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     if uncertain:
         applier: PrefectApplier = ctx["applier"]
         if applier.answering_since is None:
-            await applier.probe()
+            # Short (1 s plus the hard limit's 1 s): a Prefect slower than that is not
+            # answering promptly yet, and the run keeps its budget for the calls
+            # that count (the job timeout allows 2 s for this probe).
+            await applier.probe(timeout_s=_PROBE_TIMEOUT_S)
         settled_at = _settled_at(applier, settings, record)
         if now < settled_at:
             await _settle(store, record, settled_at)

@@ -191,8 +191,8 @@ class Settings(BaseSettings):
     @property
     def job_timeout_s(self) -> float:
         """The hard limit on one run of a job: a history read plus one set_state call
-        (each cut off at `prefect_timeout_s`), the wait for a call slot (half a call's
-        timeout) and the inline rate-limit waits, with room for Redis.
+        (each cut off 1 s after `prefect_timeout_s`), the wait for a call slot (half a
+        call's timeout), a liveness probe (2 s) and the inline rate-limit waits.
 
         Crash recovery does not wait for it: a worker holds each job through a
         renewed `worker_lease_s` lease instead (see worker.job).
