@@ -100,20 +100,19 @@ def serve(
     except (TokenConfigError, UnsafeBind, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _drop_privileges(settings)  # the tokens file may be readable by root only
     _logging(settings, tokens)
     count = processes or settings.http_processes
     if count == 1:
+        _drop_privileges(settings)  # the tokens file may be readable by root only
         asgi = _http_app(settings, tokens, bind_host, bind_port)
         # log_config=None: uvicorn keeps our handler (JSON, secrets scrubbed).
         uvicorn.run(asgi, host=bind_host, port=bind_port, log_config=None, access_log=False)
         return
     # Several processes accept on one socket and the kernel spreads connections;
-    # each child builds its app from the same environment (see http_app_factory).
+    # each child builds its app from the same environment (see http_app_factory),
+    # so the command line's address reaches them there. The parent only supervises;
+    # each child reads its tokens, then leaves root itself.
     os.environ["PMQ_HTTP_HOST"], os.environ["PMQ_HTTP_PORT"] = bind_host, str(bind_port)
-    # The children can no longer read a root-only tokens file: they get what was read.
-    os.environ["PMQ_AUTH_TOKENS"] = ",".join(f"{t}:{c}" for t, c in tokens.items())
-    os.environ.pop("PMQ_AUTH_TOKENS_FILE", None)
     uvicorn.run(
         "mcp_frontend.cli:http_app_factory",
         factory=True,
@@ -141,6 +140,7 @@ def http_app_factory() -> Starlette:
 
     settings = Settings()
     tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
+    _drop_privileges(settings)
     _logging(settings, tokens)
     return _http_app(settings, tokens, settings.http_host, settings.http_port)
 

@@ -25,7 +25,7 @@ from mcp_frontend.devstack import BIN_DIR, free_port, pmq_service, wait_until
 from tests.conftest import Services, Stack
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
-from tests.test_auth import ALICE, as_client
+from tests.test_auth import ALICE, INITIALIZE, as_client
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +37,12 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The file as the parser normalises it (variables resolved with their defaults)."""
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose not installed (make test installs it where it can)")
-    tokens = tmp_path_factory.mktemp("secrets") / "pmq_tokens"
+    folder = tmp_path_factory.mktemp("secrets")
+    tokens = folder / "pmq_tokens"
     tokens.write_text(f"{ALICE}:alice\n")
-    done = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config"],
-        env={"PATH": "/usr/bin:/bin", "PMQ_TOKENS_FILE": str(tokens)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    config: dict[str, Any] = yaml.safe_load(done.stdout)
-    return config
+    empty = folder / ".env"
+    empty.write_text("")
+    return _config(empty, tokens)
 
 
 def _config(env_file: Path, tokens: Path) -> dict[str, Any]:
@@ -220,17 +213,7 @@ def test_the_image_start_reads_a_private_tokens_file_then_leaves_root(
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert uids == ["65534"] * 4
     url = f"http://127.0.0.1:{port}/mcp"
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"},
-        },
-    }
     headers = {"Accept": "application/json, text/event-stream"}
-    assert httpx.post(url, json=initialize, headers=headers, timeout=5).status_code == 401
+    assert httpx.post(url, json=INITIALIZE, headers=headers, timeout=5).status_code == 401
     headers["Authorization"] = f"Bearer {ALICE}"
-    assert httpx.post(url, json=initialize, headers=headers, timeout=5).status_code == 200
+    assert httpx.post(url, json=INITIALIZE, headers=headers, timeout=5).status_code == 200

@@ -125,11 +125,7 @@ async def test_a_frozen_prefect_gets_each_change_once(
         async with Client(build_server(stack.settings)) as client:
             os.killpg(own_prefect.proc.pid, signal.SIGSTOP)
             try:
-                tickets = [
-                    await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
-                    for run in task_runs
-                ]
-                job_ids = [t["job_id"] for t in tickets]
+                job_ids = await _set_running(client, task_runs)
                 # Frozen for three of the worker's timeout-plus-settle periods, during
                 # which the old rule read the history and sent the change again.
                 frozen_until = time.monotonic() + 3 * (2 + 2)
@@ -155,22 +151,10 @@ async def test_a_stalled_prefect_that_wakes_in_the_worst_order_gets_each_change_
     """The frozen server of the test above, made deterministic: the proxy reads every
     request and answers none, then processes them newest first, so a history read
     sent last is answered before the first set_state, which lands after it."""
-    flow_run = await prefect.flow_run("RUNNING")
-    task_runs = [await prefect.task_run(flow_run) for _ in range(10)]
-    stack.start_worker(
-        prefect_api_url=proxy.url + "/api",
-        prefect_timeout_s=2,
-        settle_s=2,
-        max_attempts=100,
-        heartbeat_s=1,
-    )
+    task_runs = await _worker_behind(stack, proxy, prefect, runs=10, settle_s=2)
     async with Client(build_server(stack.settings)) as client:
         proxy.hold()
-        tickets = [
-            await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
-            for run in task_runs
-        ]
-        job_ids = [t["job_id"] for t in tickets]
+        job_ids = await _set_running(client, task_runs)
         stalled_until = time.monotonic() + 3 * (2 + 2)
         # Wake while some request is fresh, so its caller still waits for the answer.
         while time.monotonic() < stalled_until or not (
@@ -193,23 +177,12 @@ async def test_a_change_written_twice_anyway_is_reported_on_its_job(
     """No client rule can see a request stuck in one of several Prefect API processes
     while the others answer: the worker sends the change again, and the late copy
     lands after. The duplicate check must then find it and say so."""
-    flow_run = await prefect.flow_run("RUNNING")
-    task_runs = [await prefect.task_run(flow_run) for _ in range(3)]
-    stack.start_worker(
-        prefect_api_url=proxy.url + "/api",
-        prefect_timeout_s=2,
-        settle_s=3,
-        max_attempts=100,
-        heartbeat_s=1,
-        sweep_interval_s=0.5,
+    task_runs = await _worker_behind(
+        stack, proxy, prefect, runs=3, settle_s=3, sweep_interval_s=0.5
     )
     async with Client(build_server(stack.settings)) as client:
         proxy.hold()
-        tickets = [
-            await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
-            for run in task_runs
-        ]
-        job_ids = [t["job_id"] for t in tickets]
+        job_ids = await _set_running(client, task_runs)
         # Until every first try has timed out: nothing can be known before that.
         await _until_all(client, job_ids, lambda j: j["status"] == "waiting" and j["attempts"])
         # Served again at once; the stuck first tries land 7 s later: after the worker's
@@ -229,6 +202,31 @@ async def test_a_change_written_twice_anyway_is_reported_on_its_job(
     assert [j["duplicate_transitions"] for j in reported] == [1] * len(task_runs)
     duplicated = cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "duplicated"))
     assert int(duplicated) == len(task_runs)
+
+
+async def _worker_behind(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns, *, runs: int, **settings: Any
+) -> list[str]:
+    """`runs` task runs, and a worker reaching Prefect through `proxy` with 2 s calls."""
+    flow_run = await prefect.flow_run("RUNNING")
+    task_runs = [await prefect.task_run(flow_run) for _ in range(runs)]
+    stack.start_worker(
+        prefect_api_url=proxy.url + "/api",
+        prefect_timeout_s=2,
+        max_attempts=100,
+        heartbeat_s=1,
+        **settings,
+    )
+    return task_runs
+
+
+async def _set_running(client: Client, task_runs: list[str]) -> list[str]:
+    """One RUNNING change per task run; their job ids."""
+    tickets = [
+        await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
+        for run in task_runs
+    ]
+    return [t["job_id"] for t in tickets]
 
 
 async def _until_all(
