@@ -133,9 +133,17 @@ def _http_ok(url: str) -> bool:
 
 
 class RedisServer(Service):
-    def __init__(self, port: int, data_dir: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        data_dir: Path,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        binary: str | None = None,
+    ) -> None:
         argv = [
-            find_redis_server(),
+            binary or find_redis_server(),
             "--port",
             str(port),
             "--bind",
@@ -146,6 +154,8 @@ class RedisServer(Service):
             "",
             "--appendonly",
             "yes" if appendonly else "no",
+            "--appendfsync",
+            appendfsync,
         ]
         data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__("redis", argv, env=dict(os.environ), log_path=data_dir / "redis.log")
@@ -228,10 +238,16 @@ def dev_stack(
     env = dict(os.environ)
     try:
         if redis_url is None:
-            redis = RedisServer(free_port(), state_dir / "redis", appendonly=True)
+            # Every write synced before Redis answers, so PMQ_DURABILITY=disk holds on
+            # any redis-server (6.2 and 7.0 have no WAITAOF): a laptop that crashes or
+            # loses power keeps every change it gave a ticket for.
+            redis = RedisServer(
+                free_port(), state_dir / "redis", appendonly=True, appendfsync="always"
+            )
             redis.start_and_wait()
             services.append(redis)
             redis_url = redis.url()
+            env.setdefault("PMQ_DURABILITY", "disk")
         env["PMQ_REDIS_URL"] = redis_url
         if prefect_api_url is None:
             prefect = PrefectServer(free_port(), state_dir / "prefect")

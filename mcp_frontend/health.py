@@ -28,6 +28,7 @@ TOTALS = (
     "retried",
     "swept",  # requeued by the sweeper after arq dropped them
     "duplicated",  # found in their run's history more than once
+    "deduplicated",  # resent with an idempotency key: answered with the existing job
 )
 LIVE = ("queued", "running", "waiting")
 

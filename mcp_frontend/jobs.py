@@ -141,6 +141,7 @@ def job_store(redis: Redis, settings: Settings) -> JobStore:
         job_deadline_s=settings.job_deadline_s,
         max_queue_depth=settings.max_queue_depth,
         recent_jobs=settings.recent_jobs,
+        durability=settings.durable_writes(),
         quota=ClientQuota(
             max_pending=settings.client_max_pending,
             max_rps=settings.client_max_rps,

@@ -46,6 +46,7 @@ from worker.contract import (
     StateChange,
     Status,
 )
+from worker.durability import NotDurable
 from worker.settings import Settings
 from worker.store import IdempotencyConflict, QueueFull, QuotaExceeded
 
@@ -480,6 +481,13 @@ def _run(settings: Settings, call: Any) -> Any:
     except RedisError as exc:
         err.print(f"Redis unavailable at the configured PMQ_REDIS_URL: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
+    except NotDurable as exc:
+        if not exc.written:
+            _usage(f"nothing was queued: {exc.reason}")
+        _usage(
+            f"the changes may or may not be stored: {exc.reason}. Submitting them again with "
+            "the same idempotency keys is safe."
+        )
 
 
 def _refusal(exc: Exception) -> str:

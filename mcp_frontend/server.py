@@ -39,6 +39,7 @@ from worker.contract import (
     StateChange,
     utcnow,
 )
+from worker.durability import NotDurable
 from worker.settings import Settings
 from worker.store import IdempotencyConflict, QueueFull, QuotaExceeded
 
@@ -144,7 +145,7 @@ def build_server(
             run_id_field=f"{run_type.value}_run_id",
         )
         tickets = await _guard(
-            ctx.request_context.lifespan_context.submit([change], current_client()), batch=False
+            ctx.request_context.lifespan_context.submit([change], current_client()), submit=True
         )
         return tickets[0]
 
@@ -204,7 +205,9 @@ def build_server(
             for index, item in enumerate(changes)
         ]
         tickets = await _guard(
-            ctx.request_context.lifespan_context.submit(parsed, current_client()), batch=True
+            ctx.request_context.lifespan_context.submit(parsed, current_client()),
+            submit=True,
+            batch=True,
         )
         return TicketList(jobs=tickets)
 
@@ -347,10 +350,22 @@ def _check_job_id(job_id: str, field: str) -> None:
         )
 
 
-async def _guard(call: Awaitable[T], *, batch: bool = False) -> T:
-    """Translate domain errors into tool errors an agent can act on."""
+async def _guard(call: Awaitable[T], *, submit: bool = False, batch: bool = False) -> T:
+    """Translate domain errors into tool errors an agent can act on.
+
+    `submit`: the call writes changes, so a Redis failure after the write was sent
+    leaves them maybe stored; the caller is told, and how to resend safely.
+    """
     try:
         return await call
+    except NotDurable as exc:
+        if not exc.written:
+            raise ToolError(f"job store misconfigured: {exc.reason}; nothing was queued") from None
+        log.warning("change not confirmed at the durability level: %s", exc.reason)
+        raise ToolError(
+            f"the {'changes' if batch else 'change'} may or may not be stored: {exc.reason}. "
+            + _RESEND
+        ) from None
     except QueueFull:
         raise ToolError(
             "queue full: too many changes are waiting; nothing was queued, retry later"
@@ -371,7 +386,15 @@ async def _guard(call: Awaitable[T], *, batch: bool = False) -> T:
         ) from None
     except RedisError as exc:
         log.warning("job store unavailable: %s", exc)
-        raise ToolError(
-            "job store (Redis) unavailable: retry later; pass an idempotency_key so that a "
-            "retried change cannot be queued twice"
-        ) from exc
+        if submit:
+            raise ToolError(
+                f"job store (Redis) unavailable ({type(exc).__name__}): the "
+                f"{'changes' if batch else 'change'} may or may not be stored. " + _RESEND
+            ) from exc
+        raise ToolError("job store (Redis) unavailable: retry later") from exc
+
+
+_RESEND = (
+    "Resending it with the same idempotency_key is safe: it is queued and applied at most "
+    "once (without one, a resend may queue it twice)."
+)

@@ -21,7 +21,7 @@ import typer
 import yaml  # type: ignore[import-untyped]
 
 from mcp_frontend.cli import app as pmq_app
-from mcp_frontend.devstack import BIN_DIR, free_port, pmq_service, wait_until
+from mcp_frontend.devstack import BIN_DIR, RedisServer, free_port, pmq_service, wait_until
 from tests.conftest import Services, Stack
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
@@ -141,9 +141,14 @@ async def test_services_run_with_their_compose_command_and_serve_a_call(
 ) -> None:
     tokens = tmp_path / "pmq_tokens"
     tokens.write_text(f"{ALICE}:alice\n")
+    # A Redis with compose.yaml's options: the durability the workers and frontend
+    # are configured for depends on them.
+    redis_server = RedisServer(free_port(), tmp_path / "redis")
+    redis_server.argv += compose["services"]["redis"]["command"][1:]
+    redis_server.start_and_wait()
     prefect_host = services.prefect.api_url.removeprefix("http://").removesuffix("/api")
     hosts = {
-        "redis://redis:6379/0": stack.settings.redis_url,
+        "redis://redis:6379/0": redis_server.url(),
         "http://prefect-server:4200": f"http://{prefect_host}",
         "/run/secrets/pmq_tokens": str(tokens),
     }
@@ -164,6 +169,7 @@ async def test_services_run_with_their_compose_command_and_serve_a_call(
         process.start()
         stack.workers.append(process)  # stopped with the stack
         started[name] = (process, env)
+    stack.workers.append(redis_server)  # stopped with the stack, after our services
 
     def healthy(name: str) -> bool:
         """The service's own healthcheck command, run the way Docker would."""

@@ -108,8 +108,9 @@ async def test_f2_prefect_stopped_for_20_s_mid_drain(
 @pytest.fixture
 def durable_stack(services: Services, tmp_path: Path) -> Iterator[tuple[Stack, RedisServer]]:
     """A stack on its own Redis with AOF and `appendfsync always`, which the test may kill."""
-    redis_server = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
-    redis_server.argv += ["--appendfsync", "always"]
+    redis_server = RedisServer(
+        free_port(), tmp_path / "redis", appendonly=True, appendfsync="always"
+    )
     redis_server.start_and_wait()
     settings = Settings(redis_url=redis_server.url(), **TEST_SETTINGS)
     stack = Stack(services, 0, settings, services.prefect.api_url)

@@ -80,6 +80,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         max_queue_depth=settings.max_queue_depth,
         gate_grace_s=settings.job_timeout_s,
         recent_jobs=settings.recent_jobs,
+        durability=settings.durable_writes(),
     )
 
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat(ctx))

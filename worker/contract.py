@@ -24,7 +24,8 @@ RUN_KEY_PREFIX = "pmq:run:"  # per run: `seq` counter and `last` job id
 IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"
 CLIENT_KEY_PREFIX = "pmq:client:"  # per client: `<id>:pending` set, `<id>:rate` cell
 RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
-STATS_TOTAL_KEY = "pmq:stats:total"  # hash: enqueued, applied, rejected, failed, cancelled, retried
+# hash: enqueued, the outcomes, retried, swept, duplicated, deduplicated
+STATS_TOTAL_KEY = "pmq:stats:total"
 STATS_LIVE_KEY = "pmq:stats:live"  # hash: jobs now queued, running, waiting
 WORKER_KEY_PREFIX = "pmq:worker:"  # one heartbeat hash per live worker process
 # Who owns jobs created without a token: stdio, a loopback HTTP bind, `pmq jobs`.

@@ -31,6 +31,7 @@ from worker.contract import (
     Status,
     utcnow,
 )
+from worker.durability import NotDurable
 from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
 from worker.policy import backoff_s
 from worker.settings import Settings
@@ -182,12 +183,16 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
     settings: Settings = ctx["settings"]
     now = utcnow()
     recheck_s = min(settings.gate_recheck_s, max((record.deadline - now).total_seconds(), 0.1))
-    claim = await store.claim(
-        record.job_id,
-        allowed=(*PENDING_STATUSES, Status.RUNNING),
-        set_fields={"started_at": record.started_at or now, "attempt_started_at": now},
-        recheck_at=now + timedelta(seconds=recheck_s),
-    )
+    try:
+        claim = await store.claim(
+            record.job_id,
+            allowed=(*PENDING_STATUSES, Status.RUNNING),
+            set_fields={"started_at": record.started_at or now, "attempt_started_at": now},
+            recheck_at=now + timedelta(seconds=recheck_s),
+        )
+    except NotDurable as exc:
+        await _unclaim(store, record, uncertain, exc)
+        return
     if claim.outcome == "blocked":
         # Waiting behind an earlier change to this run: not an attempt. The earlier
         # change wakes this one when it finishes; the deferral is only a safety net.
@@ -211,6 +216,23 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
     # An earlier try's uncertainty stands until a history read has settled it.
     ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
     await _defer(store, settings, record, replace(outcome, ambiguous=ambiguous))
+
+
+async def _unclaim(store: JobStore, record: JobRecord, uncertain: bool, exc: NotDurable) -> None:
+    """The claim was not stored at the durability level: Prefect is not called.
+
+    A failover could bring back the job as never claimed while Prefect had the change,
+    and it would be applied twice. Back to `waiting`, no attempt used.
+    """
+    log.warning("job %s: claim not confirmed (%s); it will be tried again", record.job_id, exc)
+    error = JobError(code=ErrorCode.TRANSIENT, message=f"claim not confirmed: {exc}")
+    await store.transition(
+        record.job_id,
+        allowed=(Status.RUNNING,),
+        status=Status.WAITING,
+        set_fields={"next_attempt_at": utcnow(), "error": error, "ambiguous": uncertain},
+    )
+    raise Retry(defer=_SLOT_RETRY_S)
 
 
 async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> None:

@@ -150,6 +150,11 @@ for _, item in ipairs(items) do
     out[#out + 1] = {"new", item.id, seq}
   end
 end
+if fresh < #items then
+  -- Counted, and a write even when nothing is new: a durability wait (WAIT, WAITAOF)
+  -- covers its connection's writes, and this one follows the original's.
+  count_total("deduplicated", #items - fresh)
+end
 if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
   count_total("enqueued", fresh)
   count_live("queued", fresh)

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.durability import Durability, DurableWrites
 
 
 class Settings(BaseSettings):
@@ -30,6 +32,21 @@ class Settings(BaseSettings):
     )
     redis_timeout_s: float = Field(
         5.0, gt=0, description="Redis connect/read timeout: tool calls fail rather than hang."
+    )
+    durability: Durability = Field(
+        Durability.MEMORY,
+        description="When a change counts as stored (a ticket is returned, a worker may call "
+        "Prefect): `memory` (Redis answered), `disk` (in Redis's fsynced append-only file), "
+        "`replicas` (on PMQ_DURABILITY_REPLICAS replicas). See the README's table.",
+    )
+    durability_replicas: int = Field(
+        1, ge=1, description="Replicas that must have a change at PMQ_DURABILITY=replicas."
+    )
+    durability_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest wait for the durability level; past it the caller is told the "
+        "change may or may not be stored, and that resending it is safe.",
     )
     result_ttl_s: int = Field(86_400, gt=0, description="How long terminal job records are kept.")
     max_attempts: int = Field(
@@ -177,6 +194,23 @@ class Settings(BaseSettings):
         validation_alias="PREFECT_API_URL",
         description="Prefect's own variable; `pmq dev` starts a local server when unset.",
     )
+
+    @model_validator(mode="after")
+    def _durability_wait_fits(self) -> Settings:
+        if self.durability is not Durability.MEMORY and (
+            self.durability_timeout_s >= self.redis_timeout_s
+        ):
+            # The wait's answer would come after the client gave up on the socket.
+            raise ValueError(
+                f"PMQ_DURABILITY_TIMEOUT_S ({self.durability_timeout_s:g}) must be less than "
+                f"PMQ_REDIS_TIMEOUT_S ({self.redis_timeout_s:g})"
+            )
+        return self
+
+    def durable_writes(self) -> DurableWrites:
+        return DurableWrites(
+            self.durability, replicas=self.durability_replicas, timeout_s=self.durability_timeout_s
+        )
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line (tokens are added by the frontend)."""

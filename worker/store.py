@@ -41,6 +41,7 @@ from worker.contract import (
     json_serializer,
     utcnow,
 )
+from worker.durability import DurableWrites
 
 
 class QueueFull(Exception):
@@ -108,8 +109,11 @@ class JobStore:
         quota: ClientQuota = ClientQuota(),
         queue_name: str = default_queue_name,
         recent_jobs: int = 10_000,
+        durability: DurableWrites | None = None,
     ) -> None:
         self.redis = redis
+        # Tickets and claims wait for it; the rest may be lost and redone (see worker.job).
+        self.durability = durability or DurableWrites()
         self.recent_jobs = recent_jobs  # how many of the newest jobs the indexes keep
         self.result_ttl_s = result_ttl_s
         self.job_deadline_s = job_deadline_s
@@ -135,7 +139,8 @@ class JobStore:
     async def enqueue_many(self, records: Sequence[JobRecord]) -> list[Enqueued]:
         """Store records and their arq queue entries in one atomic round trip, in order.
 
-        All or nothing: a full queue or an idempotency conflict writes nothing.
+        All or nothing: a full queue or an idempotency conflict writes nothing. Returns
+        once the write is stored at the durability level; NotDurable if it is not in time.
         """
         if not records:
             return []
@@ -150,14 +155,16 @@ class JobStore:
         origin = [index for index, (_, first) in enumerate(positions) if first]
         items = [json.dumps(_item(record)) for record in unique]
         interval_ms = round(1000 / quota.max_rps) if quota.max_rps else 0
-        reply = await self._enqueue(
-            keys=[
+        reply = await self.durability.run(
+            self.redis,
+            self._enqueue,
+            [
                 self.queue_name,
                 f"{CLIENT_KEY_PREFIX}{client}:pending",
                 f"{CLIENT_KEY_PREFIX}{client}:rate",
                 RECENT_KEY,
             ],
-            args=[
+            [
                 self.max_queue_depth,
                 self.pending_ttl_ms,
                 JOB_KEY_PREFIX,
@@ -228,12 +235,16 @@ class JobStore:
     ) -> Claim:
         """Mark the job `running` unless an earlier change to its run is unfinished.
 
-        A blocked job is parked (`waiting`, `blocked_on`); see `worker.lua`.
+        A blocked job is parked (`waiting`, `blocked_on`); see `worker.lua`. Returns once
+        the claim is stored at the durability level (NotDurable if not in time): a claim
+        lost after Prefect had the change would let the job be applied twice.
         """
         encoded = fields_to_hash({**set_fields, "status": Status.RUNNING.value})
-        reply = await self._claim(
-            keys=[job_key(job_id), INFLIGHT_KEY],
-            args=[
+        reply = await self.durability.run(
+            self.redis,
+            self._claim,
+            [job_key(job_id), INFLIGHT_KEY],
+            [
                 JOB_KEY_PREFIX,
                 self.gate_grace_ms,
                 " ".join(s.value for s in allowed),

@@ -1,0 +1,161 @@
+"""Durability of acknowledged writes: when Redis has kept a change, a ticket is returned.
+
+Redis answers a write once it is in its memory. `PMQ_DURABILITY` chooses what
+"stored" means before a ticket goes back (and before a worker calls Prefect on
+a claim):
+
+- `memory`: Redis's answer is enough. A Redis crash loses what its
+  append-only file has not yet synced (up to a second with `appendfsync
+  everysec`), a failover what the replica had not received.
+- `disk`: the write is in the master's append-only file, fsynced: `WAITAOF 1 0`
+  on Redis >= 7.2; an older Redis must run `appendfsync always`, which syncs
+  before it answers.
+- `replicas`: `WAIT n`: n replicas have the write, so a failover to one of
+  them keeps it.
+
+The wait runs on the connection that wrote, in the same round trip (a
+pipeline): WAIT and WAITAOF cover the writes of their own connection. When the
+level is not met in time, the write has happened on the master and may or may
+not survive, so the caller is told exactly that (`NotDurable`), and that a
+resend with the same idempotency key is safe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
+
+# How long a finding about the server's persistence holds: a restart or a failover
+# may bring a Redis configured otherwise.
+_PROBE_TTL_S = 30.0
+
+
+class Durability(StrEnum):
+    MEMORY = "memory"
+    DISK = "disk"
+    REPLICAS = "replicas"
+
+
+class NotDurable(Exception):
+    """Redis did not confirm a write at the chosen level in time.
+
+    `written` False: the check failed before anything was written.
+    """
+
+    def __init__(self, reason: str, *, written: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.written = written
+
+
+@dataclass
+class DurableWrites:
+    """Runs a write script, then waits until the write is stored at `level`."""
+
+    level: Durability = Durability.MEMORY
+    replicas: int = 1
+    timeout_s: float = 2.0
+    _waitaof_until: float = field(default=0.0, init=False)  # monotonic; 0 = probe again
+    _has_waitaof: bool = field(default=False, init=False)
+
+    def describe(self) -> str:
+        if self.level is Durability.REPLICAS:
+            return f"on {self.replicas} replica{'s' if self.replicas > 1 else ''}"
+        if self.level is Durability.DISK:
+            return "on Redis's disk"
+        return "in Redis's memory"
+
+    async def run(self, redis: Redis, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """The script's reply, once its writes are stored at this level."""
+        if self.level is Durability.MEMORY:
+            return await script(keys=keys, args=args)
+        wait = await self._wait_command(redis)
+        if wait is None:  # `appendfsync always`: Redis syncs before it answers
+            return await script(keys=keys, args=args)
+        try:
+            reply, acks = await _write_then_wait(redis, script, keys, args, wait)
+        except NoScriptError:  # a restarted or new master: load it, and write once more
+            await redis.script_load(script.script)
+            reply, acks = await _write_then_wait(redis, script, keys, args, wait)
+        except ResponseError as exc:
+            if "WAIT" not in str(exc).upper():
+                raise
+            # e.g. appendonly switched off since the probe; the script has run.
+            self._waitaof_until = 0.0
+            raise NotDurable(f"Redis refused {wait[0]}: {exc}") from exc
+        self._check(acks)
+        return reply
+
+    async def _wait_command(self, redis: Redis) -> tuple[Any, ...] | None:
+        timeout_ms = max(1, round(self.timeout_s * 1000))
+        if self.level is Durability.REPLICAS:
+            return ("WAIT", self.replicas, timeout_ms)
+        if time.monotonic() >= self._waitaof_until:
+            self._has_waitaof = await self._probe_disk(redis)
+            self._waitaof_until = time.monotonic() + _PROBE_TTL_S
+        return ("WAITAOF", 1, 0, timeout_ms) if self._has_waitaof else None
+
+    async def _probe_disk(self, redis: Redis) -> bool:
+        """True: WAITAOF works here. False: `appendfsync always` does the job.
+
+        Raises NotDurable (nothing written) when this Redis cannot keep a write on disk.
+        """
+        info = await redis.info("persistence")
+        if not int(info.get("aof_enabled", 0)):
+            raise NotDurable(
+                "PMQ_DURABILITY=disk, but Redis keeps no append-only file (appendonly no)",
+                written=False,
+            )
+        server = await redis.info("server")
+        version = tuple(int(part) for part in str(server["redis_version"]).split(".")[:2])
+        if version >= (7, 2):
+            return True
+        try:
+            fsync = (await redis.config_get("appendfsync")).get("appendfsync")
+        except ResponseError as exc:
+            raise NotDurable(
+                f"PMQ_DURABILITY=disk needs WAITAOF (Redis >= 7.2) or appendfsync always; "
+                f"Redis {server['redis_version']} has no WAITAOF and CONFIG GET failed: {exc}",
+                written=False,
+            ) from exc
+        if fsync != "always":
+            raise NotDurable(
+                f"PMQ_DURABILITY=disk needs WAITAOF (Redis >= 7.2) or appendfsync always; "
+                f"Redis {server['redis_version']} runs appendfsync {fsync}",
+                written=False,
+            )
+        return False
+
+    def _check(self, acks: Any) -> None:
+        if self.level is Durability.REPLICAS:
+            if int(acks) < self.replicas:
+                raise NotDurable(
+                    f"{int(acks)} of {self.replicas} replicas confirmed it within "
+                    f"{self.timeout_s:g} s (PMQ_DURABILITY_TIMEOUT_S)"
+                )
+            return
+        if int(acks[0]) < 1:
+            raise NotDurable(
+                f"Redis did not confirm it on disk within {self.timeout_s:g} s "
+                "(PMQ_DURABILITY_TIMEOUT_S)"
+            )
+
+
+async def _write_then_wait(
+    redis: Redis, script: AsyncScript, keys: list[Any], args: list[Any], wait: tuple[Any, ...]
+) -> list[Any]:
+    """EVALSHA and the wait in one round trip, on one connection.
+
+    Not `script(client=pipe)`: that asks SCRIPT EXISTS first, a round trip per write.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.execute_command(*wait)
+        replies: list[Any] = await pipe.execute()
+    return replies
