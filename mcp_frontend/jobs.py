@@ -156,7 +156,7 @@ async def open_job_service(settings: Settings) -> AsyncIterator[JobService]:
     redis = redis_client(settings)
     # The subscription idles for long stretches, so it gets no read timeout.
     events = redis_client(settings, read_timeout=False)
-    waiters = TerminalWaiters(events)
+    waiters = TerminalWaiters(events, silence_s=settings.redis_timeout_s)
     try:
         yield JobService(job_store(redis, settings), waiters, max_wait_s=settings.max_wait_s)
     finally:

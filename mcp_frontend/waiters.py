@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from worker.contract import STATUS_CHANNEL, TERMINAL_CHANNEL
 
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 class TerminalWaiters:
     """Routes job-status notifications to the callers waiting on those ids."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, silence_s: float = 5.0) -> None:
         self._redis = redis
+        # A quiet subscription is pinged after this long, and given up this long after
+        # the ping: a partition leaves its socket open and silent, never closed.
+        self._silence_s = silence_s
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         # The subset of `_events` that also wants non-terminal status changes.
         self._change_events: set[asyncio.Event] = set()
@@ -75,9 +79,7 @@ class TerminalWaiters:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(TERMINAL_CHANNEL, STATUS_CHANNEL)
                     self._subscribed.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._route(message["channel"], message["data"])
+                    await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -89,6 +91,23 @@ class TerminalWaiters:
                         event.set()
                 self._subscribed.set()
                 await asyncio.sleep(0.5)
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Route messages until the subscription fails or falls silent past a ping."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=self._silence_s)
+            if message is not None:
+                heard, pinged = loop.time(), False
+                if message.get("type") == "message":
+                    self._route(message["channel"], message["data"])
+            elif loop.time() - heard >= 2 * self._silence_s and pinged:
+                raise ConnectionError(f"no answer to a ping for {self._silence_s:g} s")
+            elif loop.time() - heard >= self._silence_s and not pinged:
+                await pubsub.ping()
+                pinged = True
 
     def _route(self, channel: bytes | str, data: bytes | str) -> None:
         job_id = data.decode() if isinstance(data, bytes) else data
