@@ -8,7 +8,7 @@ from mcp import Client
 from mcp_frontend.server import build_server
 from tests.conftest import Stack
 from tests.fleet import make_runs
-from tests.mcp_calls import ok
+from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 from tests.tcp_cut import TcpCut
 
@@ -54,3 +54,25 @@ async def test_a_long_poll_wakes_after_a_partition_froze_the_subscription(
     assert job["status"] == "applied"
     # Found silent within 2 x PMQ_REDIS_TIMEOUT_S of the cut, resubscribed, then woken.
     assert waited < LONG_POLL_S / 2, f"the long poll waited {waited:.1f} s"
+
+
+async def test_a_worker_whose_redis_connections_froze_reconnects_and_goes_on(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    """Without a read timeout on arq's pool, the worker's poll loop would wait on its
+    frozen socket forever; with one, the read fails and the worker starts over."""
+    runs = await make_runs(prefect, 2, kinds=("task",))
+    with TcpCut(stack.services.redis.port) as link:
+        stack.start_worker(
+            redis_url=f"redis://127.0.0.1:{link.port}/{stack.db}",
+            redis_timeout_s=REDIS_TIMEOUT_S,
+        )
+        async with Client(build_server(stack.settings)) as client:
+            before = await ok(client, "set_task_run_state", task_run_id=runs[0][1], state="RUNNING")
+            assert (await wait_terminal(client, before["job_id"]))["status"] == "applied"
+            assert link.cut() >= 1
+            after = await ok(client, "set_task_run_state", task_run_id=runs[1][1], state="RUNNING")
+            assert (await wait_terminal(client, after["job_id"], timeout_s=60))[
+                "status"
+            ] == "applied"
+    assert [s["type"] for s in await prefect.history("task", runs[1][1])] == ["PENDING", "RUNNING"]

@@ -29,7 +29,7 @@ from worker.contract import (
     json_serializer,
 )
 from worker.job import after_job_end, apply_state_change
-from worker.redis_conn import arq_redis_settings
+from worker.redis_conn import arq_pool
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter
 
@@ -112,7 +112,7 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
                 keep_result=0,
             )
         ],
-        "redis_settings": arq_redis_settings(settings),
+        "redis_pool": arq_pool(settings),
         "job_serializer": json_serializer,
         "job_deserializer": json_deserializer,
         "on_startup": startup,

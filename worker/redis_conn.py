@@ -6,14 +6,18 @@
 supplies only the database, password and TLS choice.
 """
 
-from dataclasses import replace
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
+from arq.constants import default_queue_name
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 
+from worker.contract import json_deserializer, json_serializer
 from worker.settings import Settings
+
+R = TypeVar("R", bound=Redis)
 
 
 def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
@@ -26,11 +30,19 @@ def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
 
 
 def redis_client(settings: Settings, *, read_timeout: bool = True) -> Redis:
-    """A client for the job store. `read_timeout=False` for long-idle subscriptions."""
+    """A client for the job store. `read_timeout=False` for long-idle subscriptions.
+
+    Every other client gets a read timeout: a partition leaves a socket open and
+    silent, and a read on it without one would wait forever.
+    """
+    return _connect(settings, read_timeout=read_timeout, redis_class=Redis)
+
+
+def _connect(settings: Settings, *, read_timeout: bool, redis_class: type[R]) -> R:
     timeout = settings.redis_timeout_s if read_timeout else None
     sentinels = sentinel_addresses(settings)
     if not sentinels:
-        client: Redis = Redis.from_url(
+        client: R = redis_class.from_url(
             settings.redis_url,
             socket_timeout=timeout,
             socket_connect_timeout=settings.redis_timeout_s,
@@ -38,8 +50,9 @@ def redis_client(settings: Settings, *, read_timeout: bool = True) -> Redis:
         return client
     url = urlsplit(settings.redis_url)
     sentinel = Sentinel(sentinels, socket_timeout=settings.redis_timeout_s)  # type: ignore[no-untyped-call]
-    master: Redis = sentinel.master_for(
+    master: R = sentinel.master_for(
         settings.redis_sentinel_master,
+        redis_class=redis_class,
         db=int(url.path.lstrip("/") or 0),
         username=url.username,
         password=url.password,
@@ -50,15 +63,18 @@ def redis_client(settings: Settings, *, read_timeout: bool = True) -> Redis:
     return master
 
 
-def arq_redis_settings(settings: Settings) -> RedisSettings:
-    """The same target for arq's own pool."""
-    from_url = RedisSettings.from_dsn(settings.redis_url)
-    sentinels = sentinel_addresses(settings)
-    if not sentinels:
-        return from_url
-    return replace(
-        from_url, host=sentinels, sentinel=True, sentinel_master=settings.redis_sentinel_master
-    )
+def arq_pool(settings: Settings) -> ArqRedis:
+    """arq's pool for a worker, on the same target as `redis_client`.
+
+    Built here, not by arq from a RedisSettings: arq's own pool has no read
+    timeout, so after a partition its poll loop and every job would hang on a
+    dead socket instead of failing and reconnecting.
+    """
+    pool = _connect(settings, read_timeout=True, redis_class=ArqRedis)
+    pool.job_serializer = json_serializer
+    pool.job_deserializer = json_deserializer
+    pool.default_queue_name = default_queue_name
+    return pool
 
 
 async def close_redis(client: Redis) -> None:
