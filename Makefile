@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install tools dev test lint typecheck pytest bench clean test-compose
+.PHONY: install tools dev test lint typecheck pytest bench clean test-compose test-faults compose-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -49,7 +49,17 @@ pytest: install tools
 ## compose.yaml as shipped, in a private Docker engine, driven as an operator would
 ## (tests/compose/). Needs root: it starts dockerd and apt-gets debootstrap. Images are
 ## built here and cached in $PMQ_COMPOSE_CACHE (default /var/cache/prefect-mcp-queue/docker).
-test-compose: install tools
+test-compose: compose-deps
+	PMQ_COMPOSE_TEST=1 $(BIN)/pytest tests/compose -s --timeout 600
+
+## Faults on a bigger compose topology (tests/compose/faults/, about 15 minutes): a worker
+## and a frontend cut off from Redis, the Redis master SIGKILLed under Sentinel, Prefect
+## black-holed and flapping; 1,000 changes each. Figures in tests/artifacts/faults/.
+test-faults: compose-deps
+	PMQ_FAULTS_TEST=1 $(BIN)/pytest tests/compose/faults -s --timeout 900
+
+## What the compose tests need on this machine: debootstrap, dockerd, the images.
+compose-deps: install tools
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  missing=""; \
 	  command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
@@ -58,7 +68,6 @@ test-compose: install tools
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
 	fi
 	$(BIN)/python -m tests.compose.images
-	PMQ_COMPOSE_TEST=1 $(BIN)/pytest tests/compose -s --timeout 600
 
 ## Benchmarks B1-B4 (about 12 minutes on 2 cores): tables, PASS/FAIL per goal,
 ## JSON and charts in bench/results/, then the README's tables from them.

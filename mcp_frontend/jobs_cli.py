@@ -482,11 +482,14 @@ def _run(settings: Settings, call: Any) -> Any:
         err.print(f"Redis unavailable at the configured PMQ_REDIS_URL: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
     except NotDurable as exc:
+        # Batches go one by one: those before this one are stored (and their tickets
+        # not printed), so the advice is about looking before sending again.
         if not exc.written:
-            _usage(f"nothing was queued: {exc.reason}")
+            _usage(f"this batch was not queued: {exc.reason}")
         _usage(
-            f"the changes may or may not be stored: {exc.reason}. Submitting them again with "
-            "the same idempotency keys is safe."
+            f"the last batch may or may not be stored: {exc.reason}. Changes with an "
+            "idempotency key can be submitted again safely; look the others up "
+            "(pmq jobs list) before sending them again."
         )
 
 

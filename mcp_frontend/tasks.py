@@ -38,6 +38,7 @@ from mcp_frontend.auth import current_client
 from mcp_frontend.jobs import JobList, JobNotFound, JobService
 from mcp_frontend.progress import Drain, describe, poll_interval_ms
 from worker.contract import PENDING_STATUSES, Batch, JobRecord, JobStatus, Status, utcnow
+from worker.durability import NotDurable
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,12 @@ class TasksExtension(Extension):
             job_ids = [ticket["job_id"] for ticket in tickets["jobs"]]
             try:
                 batch = await service.open_batch(job_ids, current_client())
-            except RedisError:
+            except (RedisError, NotDurable):
                 log.warning("could not record batch of %d jobs", len(job_ids), exc_info=True)
                 return _tool_error(
-                    "job store (Redis) unavailable after queueing: the changes may be queued; "
-                    "resubmit with the same idempotency keys to get their tickets"
+                    "job store (Redis) unavailable or the batch not confirmed after queueing: "
+                    "the changes may be queued; resubmit with the same idempotency keys to get "
+                    "their tickets"
                 )
             statuses = [Status(ticket["status"]) for ticket in tickets["jobs"]]
             task = self._seed(batch.batch_id, batch.created_at, statuses, drain)

@@ -74,11 +74,15 @@ class TerminalWaiters:
         await self._subscribed.wait()
 
     async def _listen(self) -> None:
+        lost = False
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(TERMINAL_CHANNEL, STATUS_CHANNEL)
                     self._subscribed.set()
+                    if lost:  # what was published while unsubscribed is gone: re-read
+                        self._wake_all()
+                        lost = False
                     await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
@@ -86,11 +90,15 @@ class TerminalWaiters:
                 # Redis went away: wake everyone so they re-read (and see the error),
                 # then resubscribe once it is back.
                 log.warning("terminal-event subscription lost; resubscribing", exc_info=True)
-                for events in self._events.values():
-                    for event in events:
-                        event.set()
+                self._wake_all()
+                lost = True
                 self._subscribed.set()
                 await asyncio.sleep(0.5)
+
+    def _wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
 
     async def _receive(self, pubsub: PubSub) -> None:
         """Route messages until the subscription fails or falls silent past a ping."""

@@ -273,3 +273,25 @@ async def test_the_sweeper_requeues_a_job_that_arq_dropped_while_it_ran(
     assert job["status"] == "applied"
     assert [s["type"] for s in await prefect.history("flow", flow_run)] == ["PENDING", "RUNNING"]
     assert cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "swept")) == b"1"
+
+
+async def test_the_sweeper_requeues_a_queued_job_whose_queue_entry_a_failover_lost(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    """Seen in the Sentinel failover test: a job never claimed, its record `queued`
+    on the new master, and arq's entries for it gone (rolled back, or dropped by arq
+    after it started the job twice). It is in the pending index from its enqueue on."""
+    task_run = await prefect.task_run()
+    async with Client(build_server(stack.settings)) as client:
+        ticket = await ok(client, "set_task_run_state", task_run_id=task_run, state="RUNNING")
+    job_id = ticket["job_id"]
+    assert stack.redis.zscore(INFLIGHT_KEY, job_id) is not None
+    stack.redis.zadd(INFLIGHT_KEY, {job_id: 0})  # last seen long ago
+    stack.redis.zrem(default_queue_name, job_id)
+    stack.redis.delete(job_key_prefix + job_id)
+    stack.start_worker(sweep_interval_s=0.5)
+    async with Client(build_server(stack.settings)) as client:
+        job = await wait_terminal(client, job_id, timeout_s=60)
+    assert job["status"] == "applied" and job["attempts"] == 1
+    assert [s["type"] for s in await prefect.history("task", task_run)] == ["PENDING", "RUNNING"]
+    assert cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "swept")) == b"1"

@@ -144,6 +144,8 @@ async def _close_after_lost_redis(worker: Worker) -> None:
     next run shares. Its jobs end first: they use this run's Prefect client."""
     await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
     await shutdown(worker.ctx)
+    # Its sockets may be frozen (a partition): the next run starts a pool of its own.
+    await worker.pool.aclose(close_connection_pool=True)
 
 
 def run_worker(settings: Settings) -> None:

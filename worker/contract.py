@@ -35,8 +35,8 @@ STATUS_CHANNEL = "pmq:events:status"  # the id of each job that changed to a non
 BATCH_KEY_PREFIX = "pmq:batch:"  # a batch submitted as one MCP task: its job ids
 RECENT_KEY = "pmq:recent"  # sorted set: the newest job ids by enqueue time (ms)
 FAILURES_KEY = "pmq:recent:failures"  # sorted set: rejected and failed job ids by finish time
-# Sorted set: jobs a worker claimed that are not terminal yet, by last sign of life (ms).
-# The sweeper finds here any job that arq dropped while its record was still pending.
+# Sorted set: jobs not terminal yet, by last sign of life (enqueue, claim, sweep; ms).
+# The sweeper finds here any job whose queue entry is gone while its record is pending.
 INFLIGHT_KEY = "pmq:inflight"
 # Sorted set: applied jobs whose run history is read once more for duplicates, by due time.
 VERIFY_KEY = "pmq:verify"

@@ -8,8 +8,9 @@ a claim):
   append-only file has not yet synced (up to a second with `appendfsync
   everysec`), a failover what the replica had not received.
 - `disk`: the write is in the master's append-only file, fsynced: `WAITAOF 1 0`
-  on Redis >= 7.2; an older Redis must run `appendfsync always`, which syncs
-  before it answers.
+  on Redis >= 7.2; an older Redis must run `appendfsync always` (and not
+  `no-appendfsync-on-rewrite yes`), which syncs before it answers. That is read
+  from its configuration every 30 s, so a change to it shows within that.
 - `replicas`: `WAIT n`: n replicas have the write, so a failover to one of
   them keeps it.
 
@@ -75,20 +76,33 @@ class DurableWrites:
         """The script's reply, once its writes are stored at this level."""
         if self.level is Durability.MEMORY:
             return await script(keys=keys, args=args)
-        wait = await self._wait_command(redis)
-        if wait is None:  # `appendfsync always`: Redis syncs before it answers
-            return await script(keys=keys, args=args)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            reply, acks = await _write_then_wait(redis, script, keys, args, wait)
+            return await self.execute(redis, *command)
         except NoScriptError:  # a restarted or new master: load it, and write once more
             await redis.script_load(script.script)
-            reply, acks = await _write_then_wait(redis, script, keys, args, wait)
-        except ResponseError as exc:
-            if "WAIT" not in str(exc).upper():
-                raise
-            # e.g. appendonly switched off since the probe; the script has run.
+            return await self.execute(redis, *command)
+
+    async def execute(self, redis: Redis, *command: Any) -> Any:
+        """One write command's reply, once it is stored at this level."""
+        if self.level is Durability.MEMORY:
+            return await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        wait = await self._wait_command(redis)
+        if wait is None:  # `appendfsync always`: Redis syncs before it answers
+            return await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        # One round trip, one connection: WAIT and WAITAOF cover their own connection's
+        # writes. Errors are told apart by position, not text (redis-py puts the whole
+        # command, arguments and all, into an error's message).
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*command)
+            pipe.execute_command(*wait)
+            reply, acks = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acks, Exception):
+            # e.g. appendonly switched off since the probe; the write has happened.
             self._waitaof_until = 0.0
-            raise NotDurable(f"Redis refused {wait[0]}: {exc}") from exc
+            raise NotDurable(f"Redis refused {wait[0]}: {str(acks).splitlines()[0]}")
         self._check(acks)
         return reply
 
@@ -118,6 +132,10 @@ class DurableWrites:
             return True
         try:
             fsync = (await redis.config_get("appendfsync")).get("appendfsync")
+            # With it, Redis skips even `always`'s fsync while a rewrite or save runs.
+            skips = (await redis.config_get("no-appendfsync-on-rewrite")).get(
+                "no-appendfsync-on-rewrite"
+            )
         except ResponseError as exc:
             raise NotDurable(
                 f"PMQ_DURABILITY=disk needs WAITAOF (Redis >= 7.2) or appendfsync always; "
@@ -128,6 +146,12 @@ class DurableWrites:
             raise NotDurable(
                 f"PMQ_DURABILITY=disk needs WAITAOF (Redis >= 7.2) or appendfsync always; "
                 f"Redis {server['redis_version']} runs appendfsync {fsync}",
+                written=False,
+            )
+        if skips == "yes":
+            raise NotDurable(
+                f"PMQ_DURABILITY=disk: Redis {server['redis_version']} runs "
+                "no-appendfsync-on-rewrite yes, which skips fsyncs during rewrites",
                 written=False,
             )
         return False
@@ -145,17 +169,3 @@ class DurableWrites:
                 f"Redis did not confirm it on disk within {self.timeout_s:g} s "
                 "(PMQ_DURABILITY_TIMEOUT_S)"
             )
-
-
-async def _write_then_wait(
-    redis: Redis, script: AsyncScript, keys: list[Any], args: list[Any], wait: tuple[Any, ...]
-) -> list[Any]:
-    """EVALSHA and the wait in one round trip, on one connection.
-
-    Not `script(client=pipe)`: that asks SCRIPT EXISTS first, a round trip per write.
-    """
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        pipe.execute_command(*wait)
-        replies: list[Any] = await pipe.execute()
-    return replies

@@ -224,7 +224,10 @@ async def _unclaim(store: JobStore, record: JobRecord, uncertain: bool, exc: Not
     A failover could bring back the job as never claimed while Prefect had the change,
     and it would be applied twice. Back to `waiting`, no attempt used.
     """
-    log.warning("job %s: claim not confirmed (%s); it will be tried again", record.job_id, exc)
+    if exc.written:
+        log.warning("job %s: claim not confirmed (%s); it will be tried again", record.job_id, exc)
+    else:  # a configuration problem, not a passing one: say it loudly
+        log.error("job %s: claim refused: %s; it will be tried again", record.job_id, exc)
     error = JobError(code=ErrorCode.TRANSIENT, message=f"claim not confirmed: {exc}")
     await store.transition(
         record.job_id,

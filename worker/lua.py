@@ -74,7 +74,8 @@ local function moved(from, to)
 end
 """.replace("STATS_LIVE", STATS_LIVE_KEY).replace("STATS_TOTAL", STATS_TOTAL_KEY)
 
-# KEYS: arq queue, the client's pending set, the client's rate key, the recent-jobs index
+# KEYS: arq queue, the client's pending set, the client's rate key, the recent-jobs
+#       index, the pending-jobs index the sweeper walks
 # ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
 #       idempotency prefix, client max pending (0 = none), client rate interval ms
 #       (0 = none), client burst ms, jobs the index keeps, then one JSON item per change:
@@ -84,7 +85,7 @@ end
 ENQUEUE = (
     _HELPERS
     + """
-local Q, PENDING, RATE, RECENT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local Q, PENDING, RATE, RECENT, INFLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
 local P, J, R, I = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local max_pending, interval, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -147,6 +148,9 @@ for _, item in ipairs(items) do
       redis.call("PEXPIRE", PENDING, ttl)
     end
     if keep > 0 then redis.call("ZADD", RECENT, now, item.id) end
+    -- From the start, not from the claim: a failover can roll back arq's queue entry
+    -- of a job never claimed, and the sweeper must find it.
+    redis.call("ZADD", INFLIGHT, now, item.id)
     out[#out + 1] = {"new", item.id, seq}
   end
 end
@@ -158,6 +162,7 @@ end
 if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
   count_total("enqueued", fresh)
   count_live("queued", fresh)
+  redis.call("PEXPIRE", INFLIGHT, ttl)
   if keep > 0 then
     redis.call("ZREMRANGEBYRANK", RECENT, 0, -keep - 1)
     redis.call("PEXPIRE", RECENT, ttl)

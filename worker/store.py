@@ -163,6 +163,7 @@ class JobStore:
                 f"{CLIENT_KEY_PREFIX}{client}:pending",
                 f"{CLIENT_KEY_PREFIX}{client}:rate",
                 RECENT_KEY,
+                INFLIGHT_KEY,
             ],
             [
                 self.max_queue_depth,
@@ -306,10 +307,11 @@ class JobStore:
         return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
 
     async def sweep(self, *, claimed_before: datetime, limit: int = 500) -> list[str]:
-        """Requeue jobs claimed before `claimed_before` that are pending but in no queue.
+        """Requeue jobs last seen before `claimed_before` that are pending but in no queue.
 
-        Only arq's own job timeout can leave one (it drops the job, not our record);
-        the worker's shorter limit makes that rare, and this makes it harmless.
+        arq's own job timeout can leave one (it drops the job, not our record), and so
+        can a Redis failover that rolled back arq's entries but not the record (or made
+        arq start a job twice and drop it). All are rare; this makes them harmless.
         """
         candidates = await self.redis.zrangebyscore(
             INFLIGHT_KEY, "-inf", int(claimed_before.timestamp() * 1000), start=0, num=limit
@@ -370,8 +372,14 @@ class JobStore:
 
     async def save_batch(self, batch: Batch) -> None:
         """Remember a batch's job ids for as long as any of its jobs can live."""
-        await self.redis.set(
-            BATCH_KEY_PREFIX + batch.batch_id, batch.model_dump_json(), px=self.pending_ttl_ms
+        # A task-mode caller holds only the batch id: it is kept as durably as the jobs.
+        await self.durability.execute(
+            self.redis,
+            "SET",
+            BATCH_KEY_PREFIX + batch.batch_id,
+            batch.model_dump_json(),
+            "PX",
+            self.pending_ttl_ms,
         )
 
     async def mark_batch_cancelled(self, batch: Batch) -> None:

@@ -2,7 +2,8 @@
 
 The test runs only when asked, as `make test-compose` does (PMQ_COMPOSE_TEST=1):
 it needs root to start a Docker engine and takes minutes, so plain `make test`
-does not even collect it.
+does not even collect it. The fault suite in faults/ (`make test-faults`,
+PMQ_FAULTS_TEST=1) uses the same fixtures and is collected only when asked too.
 """
 
 import os
@@ -23,6 +24,7 @@ from tests.compose.steps import report, step
 from tests.prefect_runs import PrefectRuns
 
 collect_ignore_glob = [] if os.environ.get("PMQ_COMPOSE_TEST") == "1" else ["test_*.py"]
+collect_ignore = [] if os.environ.get("PMQ_FAULTS_TEST") == "1" else ["faults"]
 
 PROJECT = "pmq-compose-test"
 PREFECT_API = "http://127.0.0.1:4200/api"

