@@ -41,6 +41,7 @@ from mcp_frontend.server import build_server
 from tests.conftest import Stack
 from worker.contract import (
     IDEMPOTENCY_KEY_PREFIX,
+    INFLIGHT_KEY,
     JOB_KEY_PREFIX,
     RECENT_KEY,
     RUN_KEY_PREFIX,
@@ -737,8 +738,22 @@ def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
             assert run_type in ("task", "flow") and canonical_run_id(run_id) == run_id, key
             assert cast(bytes, redis.hget(key, "last")).decode() in fuzzer.jobs, key
         else:
-            assert key in (default_queue_name, STATS_TOTAL_KEY, STATS_LIVE_KEY, RECENT_KEY), key
+            assert key in (
+                default_queue_name,
+                STATS_TOTAL_KEY,
+                STATS_LIVE_KEY,
+                RECENT_KEY,
+                INFLIGHT_KEY,
+            ), key
     assert records == set(fuzzer.jobs)
+    # The sweeper's index holds exactly the jobs not terminal yet (no worker runs here).
+    pending = {
+        job_id
+        for job_id in fuzzer.jobs
+        if cast(bytes, redis.hget(JOB_KEY_PREFIX + job_id, "status")) in (b"queued", b"waiting")
+    }
+    inflight = {m.decode() for m in cast(list[bytes], redis.zrange(INFLIGHT_KEY, 0, -1))}
+    assert inflight == pending
     # The recent-jobs index holds the newest accepted jobs and nothing else.
     recent = {member.decode() for member in cast(list[bytes], redis.zrange(RECENT_KEY, 0, -1))}
     assert recent <= set(fuzzer.jobs)

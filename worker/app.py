@@ -145,7 +145,10 @@ async def _close_after_lost_redis(worker: Worker) -> None:
     await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
     await shutdown(worker.ctx)
     # Its sockets may be frozen (a partition): the next run starts a pool of its own.
-    await worker.pool.aclose(close_connection_pool=True)
+    # (arq's close() may have dropped its reference already; ctx keeps one.)
+    pool = worker.ctx.get("redis")
+    if pool is not None:
+        await pool.aclose(close_connection_pool=True)
 
 
 def run_worker(settings: Settings) -> None:
