@@ -65,13 +65,6 @@ class DurableWrites:
     _waitaof_until: float = field(default=0.0, init=False)  # monotonic; 0 = probe again
     _has_waitaof: bool = field(default=False, init=False)
 
-    def describe(self) -> str:
-        if self.level is Durability.REPLICAS:
-            return f"on {self.replicas} replica{'s' if self.replicas > 1 else ''}"
-        if self.level is Durability.DISK:
-            return "on Redis's disk"
-        return "in Redis's memory"
-
     async def run(self, redis: Redis, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """The script's reply, once its writes are stored at this level."""
         if self.level is Durability.MEMORY:
