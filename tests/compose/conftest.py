@@ -9,7 +9,6 @@ PMQ_FAULTS_TEST=1) uses the same fixtures and is collected only when asked too.
 import os
 import secrets
 import shutil
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from tests.compose.dockerd import DEFAULT_CACHE, Engine, private_engine, unavailable_reason
 from tests.compose.images import Images, ensure_all
+from tests.compose.ports import PREFECT_API, PUBLISHED
 from tests.compose.stack import ROOT, ComposeStack
 from tests.compose.steps import report, step
 from tests.prefect_runs import PrefectRuns
@@ -27,8 +27,6 @@ collect_ignore_glob = [] if os.environ.get("PMQ_COMPOSE_TEST") == "1" else ["tes
 collect_ignore = [] if os.environ.get("PMQ_FAULTS_TEST") == "1" else ["faults"]
 
 PROJECT = "pmq-compose-test"
-PREFECT_API = "http://127.0.0.1:4200/api"
-PUBLISHED_PORTS = (8000, 4200)  # compose.yaml's, on 127.0.0.1
 # Each `down` leaves the logs of what it removed here, and the engine its own log.
 ARTIFACTS = ROOT / "tests" / "artifacts" / "compose"
 
@@ -79,12 +77,13 @@ def stack(engine: Engine, images: Images, tokens_file: Path) -> Iterator[Compose
     if ARTIFACTS.exists():
         shutil.rmtree(ARTIFACTS)
     current = ComposeStack(
-        engine, PROJECT, {"PMQ_TOKENS_FILE": str(tokens_file), **images.compose_env()}, ARTIFACTS
+        engine,
+        PROJECT,
+        {"PMQ_TOKENS_FILE": str(tokens_file), **PUBLISHED.env(), **images.compose_env()},
+        ARTIFACTS,
     )
     # A run that died before its own `down` left containers the engine would restart.
     current.compose("down", "-v", "--remove-orphans")
-    taken = [port for port in PUBLISHED_PORTS if _listening(port)]
-    assert not taken, f"127.0.0.1 ports {taken} are taken: compose.yaml publishes them"
     try:
         with step("up -d"):
             current.up()
@@ -115,14 +114,9 @@ class ServedPrefect(PrefectRuns):
 
 @pytest.fixture
 async def prefect_api(stack: ComposeStack) -> AsyncIterator[PrefectRuns]:
-    """Prefect as the stack serves it, on 127.0.0.1:4200."""
+    """Prefect as the stack serves it, on the port it is published on."""
     runs = ServedPrefect(PREFECT_API)
     try:
         yield runs
     finally:
         await runs.aclose()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0

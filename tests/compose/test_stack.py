@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.compose.ports import FRONTEND_URL, PUBLISHED
 from tests.compose.stack import SERVICES, ComposeStack, Container, create_runs, poll
 from tests.compose.steps import report, step
 from tests.fleet import (
@@ -31,8 +32,7 @@ from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
 from tests.test_auth import INITIALIZE, as_client
 
-FRONTEND = "http://127.0.0.1:8000"
-MCP_URL = f"{FRONTEND}/mcp"
+MCP_URL = f"{FRONTEND_URL}/mcp"
 WORKER_METRICS = "http://127.0.0.1:9100/metrics"  # inside each worker's container
 HEARTBEAT_MAX_AGE_S = 15.0  # 3 x PMQ_HEARTBEAT_S (5 s): a heartbeat older than this is stale
 READY_TIMEOUT_S = 30.0  # a few heartbeats
@@ -71,7 +71,7 @@ def _status(url: str) -> int:
 
 def fleet_metrics() -> dict[str, float]:
     """The frontend's /metrics as {"pmq_jobs_total{event=applied}": value, ...}."""
-    response = httpx.get(f"{FRONTEND}/metrics", timeout=10)
+    response = httpx.get(f"{FRONTEND_URL}/metrics", timeout=10)
     response.raise_for_status()
     figures = {}
     for family in text_string_to_metric_families(response.text):
@@ -115,7 +115,7 @@ async def test_a_flow_run_change_is_applied_through_the_published_endpoint(
     stack: ComposeStack, prefect_api: PrefectRuns, token: str
 ) -> None:
     await asyncio.to_thread(fleet, stack, 1)
-    with step("set_flow_run_state RUNNING over http://127.0.0.1:8000/mcp"):
+    with step(f"set_flow_run_state RUNNING over {MCP_URL}"):
         flow_run = await prefect_api.flow_run()
         async with as_client(MCP_URL, token) as client:
             ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
@@ -134,8 +134,8 @@ def test_no_token_is_401_readyz_is_200_and_metrics_parse(stack: ComposeStack) ->
     # Ready follows the workers' heartbeats (every 5 s), so it may trail the
     # healthchecks by a beat or two; an operator's readiness probe polls too.
     with step("/readyz 200"):
-        poll(lambda: _status(f"{FRONTEND}/readyz") == 200, READY_TIMEOUT_S, "/readyz 200")
-    ready = httpx.get(f"{FRONTEND}/readyz", timeout=10).json()
+        poll(lambda: _status(f"{FRONTEND_URL}/readyz") == 200, READY_TIMEOUT_S, "/readyz 200")
+    ready = httpx.get(f"{FRONTEND_URL}/readyz", timeout=10).json()
     assert ready["prefect"] == "ok" and ready["workers"] >= 1, ready
     metrics = fleet_metrics()
     assert metrics["pmq_workers_alive"] >= 1
@@ -312,20 +312,20 @@ def _json_object(line: str) -> bool:
 
 def test_the_frontend_is_published_on_loopback_only(stack: ComposeStack) -> None:
     fleet(stack, workers=1)
-    with socket.create_connection(("127.0.0.1", 8000), timeout=5):
+    with socket.create_connection(("127.0.0.1", PUBLISHED.frontend), timeout=5):
         pass
     others = sorted(set(_host_addresses()) | set(_gateways(stack)))
     assert others, "no address but loopback to try"
     reached = {}
     for address in others:
         try:
-            with socket.create_connection((address, 8000), timeout=3):
+            with socket.create_connection((address, PUBLISHED.frontend), timeout=3):
                 reached[address] = "connected"
         except ConnectionRefusedError:
             continue
         except OSError as e:
             reached[address] = f"not refused: {e!r}"
-    report(f"port 8000 refused on {others}")
+    report(f"port {PUBLISHED.frontend} refused on {others}")
     assert not reached, reached
 
 

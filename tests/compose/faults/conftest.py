@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.compose.conftest import PREFECT_API, ServedPrefect
+from tests.compose.conftest import ServedPrefect
 from tests.compose.dockerd import Engine
-from tests.compose.faults.topology import FAULTS_FILES, PUBLISH_PORTS, Topology
+from tests.compose.faults.topology import FAULTS_FILES, FRONTENDS, Topology
 from tests.compose.images import Images
+from tests.compose.ports import PREFECT_API, PUBLISHED
 from tests.compose.stack import ROOT, ComposeStack
 from tests.compose.steps import report, step
 from tests.prefect_runs import PrefectRuns
@@ -50,7 +51,7 @@ def fault_stack(
         PROJECT,
         {
             "PMQ_TOKENS_FILE": str(tokens_file),
-            "PMQ_PUBLISH_PORTS": PUBLISH_PORTS,
+            **PUBLISHED.env(FRONTENDS),
             **images.compose_env(),
             **env,
         },
@@ -79,7 +80,7 @@ def topology(
 
 @pytest.fixture
 async def prefect_api() -> AsyncIterator[PrefectRuns]:
-    """Prefect as the stack serves it, on 127.0.0.1:4200 (not through prefect-proxy)."""
+    """Prefect as the stack serves it, on its published port (not through prefect-proxy)."""
     runs = ServedPrefect(PREFECT_API)
     try:
         yield runs

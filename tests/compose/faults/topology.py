@@ -17,6 +17,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.compose.dockerd import EngineError
+from tests.compose.ports import PROXY_CONTROL
 from tests.compose.stack import COMPOSE_FILES, ComposeStack, Container, poll
 from tests.compose.steps import report
 
@@ -24,8 +25,6 @@ HERE = Path(__file__).resolve().parent
 FAULTS_FILES = (*COMPOSE_FILES, HERE.parent / "faults.yaml")
 SENTINEL_FILES = (*FAULTS_FILES, HERE.parent / "faults-sentinel.yaml")
 WORKERS, FRONTENDS = 3, 2
-PUBLISH_PORTS = "8000-8001"  # one published port per frontend (compose.yaml's range)
-PROXY_CONTROL = "http://127.0.0.1:4201"
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 REDIS_NET, CLIENT_NET = "redis-net", "default"  # the overlay's network names
 WORKER_METRICS = "http://127.0.0.1:9100/metrics"  # inside each worker's container
