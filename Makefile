@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install tools dev test lint typecheck pytest bench clean test-compose test-faults compose-deps
+.PHONY: install tools dev test lint typecheck pytest bench bench-tools clean test-compose test-faults compose-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -71,14 +71,33 @@ compose-deps: install tools
 
 ## Benchmarks B1-B4 (about 12 minutes on 2 cores): tables, PASS/FAIL per goal,
 ## JSON and charts in bench/results/, then the README's tables from them.
-bench: install
+## PostgreSQL's binaries for B2 (each run starts its own server from them), and a
+## venv for a Prefect server of 2 API processes: it needs prefect-redis, which needs
+## redis-py 6 while arq needs 5, so it cannot share this one.
+PREFECT_SERVER_VENV := .venv-prefect-server
+$(PREFECT_SERVER_VENV)/.installed: $(BIN)/.installed
+	$(PYTHON) -m venv $(PREFECT_SERVER_VENV)
+	$(PREFECT_SERVER_VENV)/bin/pip install --quiet \
+	  "prefect==$$($(BIN)/python -c 'import prefect; print(prefect.__version__)')" \
+	  "prefect-redis>=0.2.15,<0.3" asyncpg
+	touch $@
+
+bench-tools: $(PREFECT_SERVER_VENV)/.installed
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	  else echo "note: no PostgreSQL binaries and no root to install them: B2 on pg1/pg2 will fail"; fi; }
+
+bench: install bench-tools
 	$(BIN)/python bench/b1_caller_latency.py
 	$(BIN)/python bench/b2_throughput.py
 	$(BIN)/python bench/b3_batch_enqueue.py
 	$(BIN)/python bench/b4_redis_cost.py
 	$(BIN)/python bench/b5_tasks.py
+	$(BIN)/python bench/b6_queue_ceiling.py
 	$(BIN)/python bench/summary.py > bench/results/summary.md
 	@cat bench/results/summary.md
 
 clean:
-	rm -rf $(VENV) .pmq-dev .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PREFECT_SERVER_VENV) .pmq-dev .mypy_cache .pytest_cache .ruff_cache

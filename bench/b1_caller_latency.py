@@ -12,7 +12,10 @@ the bench's own Python is not the only bottleneck. In the same run:
      Prefect's answer, as existing Prefect MCP servers do;
 2. saturated: 2 workers drain a 2,000-change burst while 10 agents call
    `set_task_run_state` 5 times a second each and 10 others call Prefect
-   directly, each call waiting for the one before;
+   directly, each call waiting for the one before; twice: all processes
+   sharing both cores, then pinned (`sched_setaffinity`, as `taskset` does)
+   with the clients and the frontend on core 0 and Prefect, the workers and
+   Redis on core 1, as separate machines would have them;
 3. scale-out: 50 clients against `pmq serve --processes 2` vs 1 process.
 
 Writes bench/results/b1_caller_latency.json and b1_latency.png.
@@ -23,9 +26,11 @@ Writes bench/results/b1_caller_latency.json and b1_latency.png.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,11 +38,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import RESULTS, Report, bench_stack, percentile, table
+from bench.harness import RESULTS, Report, bench_stack, percentile, process_tree, table
 from bench.workload import create_task_runs, plan
 
 CLIENT_PROCESSES = 2
 WARMUP_CALLS = 5
+CALLER_CORE, BACKEND_CORE = {0}, {1}  # the pinned layout
+PINNED_GOAL = 20  # queue caller p99 this many times lower than the direct caller's
 
 
 # --- run inside client processes -------------------------------------------------------
@@ -177,16 +184,64 @@ async def main() -> None:
         table(rows, list(rows[0]))
         saturated = await saturated_rows(stack, pool, url, runs)
         table(saturated, list(saturated[0]))
+        pinned = await pinned_rows(stack, url, runs)
+        table(pinned, list(pinned[0]))
         scale = scale_out_rows(stack, pool, url)
         table(scale, list(scale[0]))
-    report.sections |= {"rows": rows, "saturated": saturated, "scale_out": scale}
+    report.sections |= {"rows": rows, "saturated": saturated, "pinned": pinned, "scale_out": scale}
     judge(report, rows, saturated, scale)
+    queue, direct = pinned
+    ratio = direct["p99_ms"] / queue["p99_ms"]
+    report.goal(
+        f"Prefect saturated, pinned: caller p99 >= {PINNED_GOAL}x lower than the direct call's",
+        ratio >= PINNED_GOAL,
+        f"{queue['p99_ms']} ms vs {direct['p99_ms']} ms: {ratio:.0f}x",
+    )
     print(f"chart: {chart(rows).relative_to(RESULTS.parent.parent)}")
     report.save()
 
 
+def pin(pids: Iterable[int], cpus: set[int]) -> None:
+    """Every thread of these processes and their descendants on `cpus` (`taskset -a -p`)."""
+    for pid in process_tree(pids):
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, PermissionError):
+                continue  # ended meanwhile
+
+
+async def pinned_rows(stack: Any, url: str, runs: list[str]) -> list[dict[str, Any]]:
+    """The saturated phase with callers and backend on separate cores."""
+    everything = set(range(os.cpu_count() or 1))
+    backend = [stack.prefect.proc.pid, stack.redis.proc.pid]
+    frontend = [child.proc.pid for child in stack.children if child.name == "frontend"]
+    pool = ProcessPoolExecutor(
+        2 * CLIENT_PROCESSES,
+        mp_context=get_context("spawn"),
+        initializer=os.sched_setaffinity,
+        initargs=(0, CALLER_CORE),
+    )
+    pin(backend, BACKEND_CORE)
+    pin(frontend, CALLER_CORE)
+    try:
+        with pool:
+            rows = await saturated_rows(
+                stack, pool, url, runs, label="pinned", worker_cores=BACKEND_CORE
+            )
+    finally:
+        pin([*backend, *frontend], everything)
+    return rows
+
+
 async def saturated_rows(
-    stack: Any, pool: ProcessPoolExecutor, url: str, runs: list[str]
+    stack: Any,
+    pool: ProcessPoolExecutor,
+    url: str,
+    runs: list[str],
+    *,
+    label: str = "shared",
+    worker_cores: set[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Queue and direct callers side by side while 2 workers drain a 2,000-change burst."""
     from mcp import Client
@@ -196,7 +251,9 @@ async def saturated_rows(
 
     redis = Redis.from_url(stack.redis.url())
     await redis.flushdb()  # drop the unapplied changes of the rows before
-    workers = [stack.worker(f"drain-{i}") for i in range(2)]
+    workers = stack.workers([f"drain-{label}-{i}" for i in range(2)])
+    if worker_cores is not None:
+        pin([w.proc.pid for w in workers], worker_cores)
     burst = plan(runs[:400], 5, seed=7)
     async with Client(url) as client:
         for start in range(0, len(burst), 1000):
@@ -217,7 +274,7 @@ async def saturated_rows(
             "calls": 50,
             "interval_s": 0.2,
         },
-        "queue, Prefect saturated",
+        f"queue, Prefect saturated, {label} cores",
     )
     direct = loop.run_in_executor(
         None,
@@ -230,7 +287,7 @@ async def saturated_rows(
             "clients": 10,
             "calls": 15,
         },
-        "direct, Prefect saturated",
+        f"direct, Prefect saturated, {label} cores",
     )
     rows = [await queue, await direct]
     applied = int(await redis.hget(STATS_TOTAL_KEY, "applied") or 0) - applied_before

@@ -1,15 +1,16 @@
 """B2: how fast do workers apply a burst, against the best a direct client gets?
 
-Starts its own Redis, Prefect server (SQLite) and `pmq serve`; creates the
-task runs once. Then, in the same run:
+For each Prefect backend (`--backends`: SQLite, and PostgreSQL with 1 and 2 API
+processes; see bench/harness.py), starts its own Redis, Prefect server (and
+PostgreSQL) and `pmq serve`, and creates the task runs. Then, in the same run:
 
 - baseline: Prefect's own client calls set_task_run_state directly at
-  concurrency 1, 4 and 16 (each run's changes in order); the best of the
-  three is the direct ceiling;
+  concurrency 1, 2, 4, 8 and 16 (each run's changes in order); the best is
+  the direct ceiling;
 - queue: a burst of `--changes` changes over `--runs` runs is submitted
   through `submit_state_changes` and drained by 1, 2 and 4 `pmq worker`
-  processes with adaptive Prefect concurrency, and by 1 worker with a fixed
-  20 calls in flight (PMQ_PREFECT_ADAPTIVE=false, PMQ_WORKER_CONCURRENCY=20).
+  processes with adaptive Prefect concurrency (and, on SQLite, by 1 worker
+  with a fixed 20 calls in flight: PMQ_PREFECT_ADAPTIVE=false).
 
 Applied/s is changes over the time from the first submit to the last
 terminal job. Prefect's p99 during a drain is read from the workers'
@@ -17,7 +18,7 @@ terminal job. Prefect's p99 during a drain is read from the workers'
 the 99th percentile); the direct client's is exact. Writes
 bench/results/b2_throughput.json and b2_drain.png.
 
-    .venv/bin/python bench/b2_throughput.py [--changes 5000 --runs 1000]
+    .venv/bin/python bench/b2_throughput.py [--changes 5000 --runs 1000 --backends sqlite,pg1,pg2]
 """
 
 from __future__ import annotations
@@ -36,11 +37,22 @@ from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from bench.harness import RESULTS, BenchStack, Report, bench_stack, cpu_seconds, table
+from bench.harness import (
+    PREFECT_BACKENDS,
+    RESULTS,
+    BenchStack,
+    Report,
+    bench_stack,
+    cpu_seconds,
+    table,
+)
 from bench.workload import create_task_runs, direct_drain, plan
 from worker.contract import STATS_TOTAL_KEY
 
 TERMINAL = ("applied", "rejected", "failed", "cancelled")
+DIRECT_CONCURRENCY = (1, 2, 4, 8, 16)
+CEILING_GOAL = 0.9  # of the direct ceiling, with 1, 2 and 4 workers
+P99_GOAL_MS = 250
 
 
 async def submit(url: str, changes: list[dict[str, Any]]) -> list[str]:
@@ -87,7 +99,7 @@ async def queue_drain(
     await redis.delete(STATS_TOTAL_KEY)
     processes = {
         "worker": [w.proc.pid for w in workers],  # type: ignore[union-attr]
-        "prefect": [stack.prefect.proc.pid],  # type: ignore[union-attr]
+        "prefect": stack.prefect_pids,
         "redis": [stack.redis.proc.pid],  # type: ignore[union-attr]
     }
     cpu_before = {k: sum(map(cpu_seconds, pids)) for k, pids in processes.items()}
@@ -123,12 +135,16 @@ async def queue_drain(
         "retried": final.get("retried", 0),
         "not_applied": len(changes) - final.get("applied", 0),
         **{f"cpu_ms_{k}": v for k, v in cpu_ms.items()},
+        "cpu_ms_queue": round(cpu_ms["worker"] + cpu_ms["redis"], 2),
     }
     return row, timeline
 
 
 def chart(
-    rows: list[dict[str, Any]], timelines: dict[str, list[tuple[float, int]]], ceiling: float
+    rows: list[dict[str, Any]],
+    timelines: dict[str, list[tuple[float, int]]],
+    ceiling: float,
+    backend: str,
 ) -> Path:
     import matplotlib
 
@@ -147,30 +163,26 @@ def chart(
     ax.set_xlabel("seconds since the burst was submitted")
     ax.set_ylabel("changes applied per second (1 s windows)")
     burst = next(r["changes"] for r in rows if r["mode"].startswith("queue"))
-    ax.set_title(f"B2: draining a burst of {burst} changes (Prefect on SQLite, 2 cores)")
+    ax.set_title(f"B2: draining a burst of {burst} changes (Prefect: {backend}, 2 cores)")
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
-    path = RESULTS / "b2_drain.png"
+    path = RESULTS / ("b2_drain.png" if backend == "sqlite" else f"b2_drain_{backend}.png")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--changes", type=int, default=5000)
-    parser.add_argument("--runs", type=int, default=1000)
-    parser.add_argument("--direct-changes", type=int, default=1500)
-    parser.add_argument("--workers", default="1,2,4")
-    args = parser.parse_args()
+async def one_backend(
+    backend: str, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, list[tuple[float, int]]], float]:
+    """Every mode against one Prefect backend: its rows, drain timelines and direct ceiling."""
     steps = args.changes // args.runs
-    report = Report("b2_throughput", "python bench/b2_throughput.py " + " ".join(sys.argv[1:]))
-    with bench_stack() as stack:
+    rows: list[dict[str, Any]] = []
+    with bench_stack(backend=backend) as stack:
         runs = await create_task_runs(stack.prefect.api_url, args.runs)
-        rows, direct = [], []
-        prefect_pid = stack.prefect.proc.pid  # type: ignore[union-attr]
-        for concurrency in (1, 4, 16):
-            before = cpu_seconds(prefect_pid), time.process_time()
+        direct = []
+        for concurrency in DIRECT_CONCURRENCY:
+            before = sum(map(cpu_seconds, stack.prefect_pids)), time.process_time()
             result = await direct_drain(
                 stack.prefect.api_url,
                 plan(runs[: args.direct_changes // steps], steps, seed=concurrency),
@@ -179,7 +191,7 @@ async def main() -> None:
             direct.append(result)
             rows.append(result.row())
             rows[-1]["cpu_ms_prefect"] = round(
-                (cpu_seconds(prefect_pid) - before[0]) * 1000 / result.changes, 2
+                (sum(map(cpu_seconds, stack.prefect_pids)) - before[0]) * 1000 / result.changes, 2
             )
             rows[-1]["cpu_ms_client"] = round(
                 (time.process_time() - before[1]) * 1000 / result.changes, 2
@@ -191,23 +203,66 @@ async def main() -> None:
             (f"queue {n} worker{'s' if n > 1 else ''}", {"workers": n})
             for n in map(int, args.workers.split(","))
         ]
-        configs.append(
-            (
-                "queue 1 worker, fixed 20",
-                {"workers": 1, "prefect_adaptive": "false", "worker_concurrency": 20},
+        if backend == "sqlite":
+            configs.append(
+                (
+                    "queue 1 worker, fixed 20",
+                    {"workers": 1, "prefect_adaptive": "false", "worker_concurrency": 20},
+                )
             )
-        )
         for seed, (label, settings) in enumerate(configs, start=100):
             row, timeline = await queue_drain(
                 stack, url, plan(runs, steps, seed), label, **settings
             )
             rows.append(row)
             timelines[label] = timeline
+    for row in rows:
+        row["backend"] = backend
+        row["x_direct_ceiling"] = round(row["applied_per_s"] / best.per_s, 2)
+    return rows, timelines, best.per_s
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--changes", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--direct-changes", type=int, default=1500)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--backends", default=",".join(PREFECT_BACKENDS))
+    args = parser.parse_args()
+    report = Report("b2_throughput", "python bench/b2_throughput.py " + " ".join(sys.argv[1:]))
+    rows: list[dict[str, Any]] = []
+    ceilings: dict[str, float] = {}
+    charts: dict[str, str] = {}
+    for backend in args.backends.split(","):
+        backend_rows, timelines, ceiling = await one_backend(backend, args)
+        rows += backend_rows
+        ceilings[backend] = round(ceiling, 1)
+        charts[backend] = str(
+            chart(backend_rows, timelines, ceiling, backend).relative_to(RESULTS.parent.parent)
+        )
+        report.sections.setdefault("timelines", {})[backend] = {
+            k: [[round(t, 2), a] for t, a in v] for k, v in timelines.items()
+        }
+        for row in backend_rows:
+            if not row["mode"].startswith("queue") or "fixed" in row["mode"]:
+                continue
+            report.goal(
+                f"{backend}, {row['mode']}: >= {CEILING_GOAL}x direct ceiling, "
+                f"Prefect p99 <= {P99_GOAL_MS} ms",
+                row["x_direct_ceiling"] >= CEILING_GOAL
+                and row["prefect_p99_ms"] <= P99_GOAL_MS
+                and row["not_applied"] == 0,
+                f"{row['x_direct_ceiling']:.2f}x of {ceiling:.0f}/s, "
+                f"p99 <= {row['prefect_p99_ms']:.0f} ms",
+            )
     columns = [
+        "backend",
         "mode",
         "changes",
         "seconds",
         "applied_per_s",
+        "x_direct_ceiling",
         "prefect_p50_ms",
         "prefect_p99_ms",
         "prefect_calls",
@@ -217,23 +272,13 @@ async def main() -> None:
         "cpu_ms_worker",
         "cpu_ms_prefect",
         "cpu_ms_redis",
+        "cpu_ms_queue",
     ]
     table(rows, columns)
     report.sections["rows"] = rows
-    report.sections["direct_ceiling_per_s"] = round(best.per_s, 1)
-    report.sections["timelines"] = {
-        k: [[round(t, 2), a] for t, a in v] for k, v in timelines.items()
-    }
-    for row in rows:
-        if not row["mode"].startswith("queue") or "fixed" in row["mode"]:
-            continue
-        ratio = row["applied_per_s"] / best.per_s
-        report.goal(
-            f"{row['mode']}: >= 0.9x direct ceiling, Prefect p99 <= 1 s",
-            ratio >= 0.9 and row["prefect_p99_ms"] <= 1000 and row["not_applied"] == 0,
-            f"{ratio:.2f}x of {best.per_s:.0f}/s, p99 <= {row['prefect_p99_ms']:.0f} ms",
-        )
-    print(f"chart: {chart(rows, timelines, best.per_s).relative_to(RESULTS.parent.parent)}")
+    report.sections["direct_ceiling_per_s"] = ceilings
+    report.sections["charts"] = charts
+    print(f"charts: {charts}")
     report.save()
 
 

@@ -6,12 +6,13 @@ deltas over windows in which only the measured actor talks to Redis:
 
 - enqueue, by the frontend: 5,000 changes through `submit_state_changes` in
   batches of 100, and one change per `set_task_run_state` call;
-- apply, by one `pmq worker` (arq's polling and bookkeeping, the record
-  load, the claim and transition scripts, heartbeats) from its start until
-  every job is terminal; the two scripts' share is measured by calling them
-  in this process on a scratch database, and the rest is arq and the worker;
+- apply, by one `pmq worker` (the take and transition scripts, lease
+  renewals, heartbeats, arq's health-check key) from its start until every
+  job is terminal; the two scripts' share is measured by calling them in this
+  process on a scratch database (one take per job here, where a busy worker
+  takes several at once), and the rest is the worker's other commands;
 - `get_job` polling: one `get_job` (no wait) per pending job;
-- an idle worker, per second (arq polls its queue every
+- an idle worker, per second (it looks for due jobs every
   PMQ_WORKER_POLL_DELAY_S even when there is nothing to do);
 - memory per pending job: `used_memory` after 5,000 queued jobs (no worker
   runs; random run ids, since they never reach Prefect) minus before, less
@@ -49,7 +50,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ from mcp_frontend.devstack import Service, pmq_service
 from tests.prefect_runs import PrefectRuns
 from worker import lua
 from worker.contract import (
+    QUEUE_KEY,
     STATS_LIVE_KEY,
     STATS_TOTAL_KEY,
     JobRecord,
@@ -92,16 +93,16 @@ INFO_SECTIONS = ("memory", "stats", "clients", "commandstats", "latencystats", "
 # keyspace's hash tables (shrunk by a cron only once under 10% full; ~1.2 KB seen) and
 # slow-log entries (at most 128; a slow EVALSHA keeps up to 32 arguments of 128 B).
 REDIS_SLACK = 8 * 1024
-# arq's queue has no TTL by design: workers remove finished jobs, and Redis deletes
-# an empty sorted set.
-NO_TTL_BY_DESIGN = {"arq:queue"}
+# The queue has no TTL by design: a job's end removes it, and Redis deletes an empty
+# sorted set.
+NO_TTL_BY_DESIGN = {QUEUE_KEY}
 
 ENQUEUE_BATCH = f"enqueue, batches of {PENDING_BATCH} (frontend)"
 ENQUEUE_ONE = "enqueue, one per call (frontend)"
 APPLY = "apply (worker, from its start)"
-CLAIM = "  of which: claim script"
+CLAIM = "  of which: take script (claims)"
 TRANSITION = "  of which: transition script"
-REST = "  of which: the rest (arq, record load, heartbeat)"
+REST = "  of which: the rest (leases, heartbeat, polls)"
 GET_JOB = "get_job, no wait (frontend)"
 IDLE = "idle worker, per second"
 # Each phase, and its column in the per-command table.
@@ -265,7 +266,7 @@ class Findings:
 
 def preload_scripts(client: redis.Redis) -> None:
     """Cache every script now: the script cache is per server, not per job."""
-    for script in (lua.ENQUEUE, lua.CLAIM, lua.RECHECK, lua.TRANSITION, lua.RATE_LIMIT):
+    for script in (lua.ENQUEUE, lua.TAKE, lua.DUE, lua.CLAIM, lua.TRANSITION, lua.RATE_LIMIT):
         client.script_load(script)
 
 
@@ -454,7 +455,7 @@ async def measure_pending(
 
 
 async def measure_scripts(meter: Meter, url: str, findings: Findings) -> None:
-    """The claim and transition scripts alone, as the worker calls them, on a scratch db."""
+    """The take and transition scripts alone, as the worker calls them, on a scratch db."""
     client = AsyncRedis.from_url(url)
     store = JobStore(
         client, result_ttl_s=RESULT_TTL_S, job_deadline_s=JOB_DEADLINE_S, max_queue_depth=100_000
@@ -471,15 +472,10 @@ async def measure_scripts(meter: Meter, url: str, findings: Findings) -> None:
         for _ in range(SCRIPT_CALLS)
     ]
     await store.enqueue_many(records)
-    recheck = now + timedelta(seconds=5)
     start = meter.snapshot()
-    for record in records:
-        await store.claim(
-            record.job_id,
-            allowed=(Status.QUEUED, Status.WAITING, Status.RUNNING),
-            set_fields={"started_at": now, "attempt_started_at": now},
-            recheck_at=recheck,
-        )
+    taken = 0
+    while taken < len(records):
+        taken += len(await store.take(1, lease_s=10))
     claimed = meter.snapshot()
     orchestration = Orchestration(status="ACCEPT", state_type="RUNNING", state_name="Running")
     for record in records:

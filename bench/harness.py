@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +37,7 @@ from mcp_frontend.devstack import (  # noqa: E402
 )
 
 RESULTS = ROOT / "bench" / "results"
+PREFECT_SERVER_VENV = ROOT / ".venv-prefect-server"
 
 
 def machine() -> str:
@@ -105,25 +106,78 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# Where Prefect keeps its data: "sqlite" (one API process), or "pg<N>": a PostgreSQL
+# of the benchmark's own and N API processes (`prefect server start --workers N`;
+# more than one needs Redis for Prefect's messaging: a second Redis, so that the
+# queue's Redis figures stay the queue's).
+PREFECT_BACKENDS = ("sqlite", "pg1", "pg2")
+
+
 class BenchStack:
     """Redis and a Prefect server for one benchmark, plus the pmq processes it starts."""
 
-    def __init__(self, tmp: Path, *, redis_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        redis_args: Sequence[str] = (),
+        prefect: bool = True,
+        backend: str = "sqlite",
+    ) -> None:
         self.tmp = tmp
+        self.with_prefect = prefect  # B6 drives a stand-in instead
+        self.backend = backend
         self.redis = RedisServer(free_port(), tmp / "redis")
         self.redis.argv += list(redis_args)
         self.prefect = PrefectServer(free_port(), tmp / "prefect", ui=False)
+        self.support: list[Service] = []  # what Prefect itself needs (PostgreSQL, Redis)
+        if backend != "sqlite":
+            self._on_postgres(int(backend.removeprefix("pg")))
+        self.api_url = self.prefect.api_url  # what the pmq children call; B6 points it elsewhere
         self.children: list[Service] = []
         self.metrics_urls: dict[str, str] = {}  # worker name -> its Prometheus endpoint
 
+    def _on_postgres(self, processes: int) -> None:
+        from bench.postgres import PostgresServer
+
+        postgres = PostgresServer(free_port(), self.tmp / "postgres")
+        self.support.append(postgres)
+        self.prefect.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = postgres.url
+        if processes > 1:
+            messaging = RedisServer(free_port(), self.tmp / "prefect-redis")
+            self.support.append(messaging)
+            # From the venv `make bench-tools` makes: prefect-redis cannot live beside arq.
+            self.prefect.argv[0] = str(PREFECT_SERVER_VENV / "bin" / "prefect")
+            self.prefect.argv += ["--workers", str(processes)]
+            self.prefect.env |= {
+                "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+                "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+                "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+                "PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1",
+                "PREFECT_REDIS_MESSAGING_PORT": str(messaging.port),
+                "PREFECT_REDIS_MESSAGING_DB": "0",
+            }
+
+    @property
+    def prefect_pids(self) -> list[int]:
+        """Prefect's API process (its children, the other API processes, count with it)
+        and its database server, for CPU figures."""
+        return [s.proc.pid for s in (self.prefect, *self.support[:1]) if s.proc is not None]
+
     def start(self) -> None:
         self.redis.start_and_wait()
-        self.prefect.start_and_wait()
+        if self.with_prefect:
+            for service in self.support:
+                service.start_and_wait()  # type: ignore[attr-defined]
+            self.prefect.start_and_wait()
 
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
         self.prefect.stop()
+        for service in reversed(self.support):
+            service.stop()
         self.redis.stop()
 
     def env(self, prefect_api_url: str | None = None, **settings: Any) -> dict[str, str]:
@@ -131,7 +185,7 @@ class BenchStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PMQ_", "PREFECT_"))}
         env |= {
             "PMQ_REDIS_URL": self.redis.url(),
-            "PREFECT_API_URL": prefect_api_url or self.prefect.api_url,
+            "PREFECT_API_URL": prefect_api_url or self.api_url,
             "PREFECT_HOME": str(self.tmp / "client-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PMQ_LOG_LEVEL": "WARNING",
@@ -141,24 +195,31 @@ class BenchStack:
 
     def worker(self, name: str, **settings: Any) -> Service:
         """Start `pmq worker`; returns once its first heartbeat is in Redis."""
+        return self.workers([name], **settings)[0]
+
+    def workers(self, names: Sequence[str], **settings: Any) -> list[Service]:
+        """Start several `pmq worker`s at once; returns once each has a heartbeat in Redis."""
         import redis
 
-        metrics_port = settings.setdefault("worker_metrics_port", free_port())
-        child = pmq_service(
-            name, ["worker"], env=self.env(**settings), log_path=self.tmp / f"{name}.log"
-        )
-        child.start()
-        self.children.append(child)
-        with redis.Redis.from_url(self.redis.url()) as client:
-            child.wait_ready(
-                lambda: (
-                    any(client.scan_iter("pmq:worker:*"))
-                    and _up(f"http://127.0.0.1:{metrics_port}/metrics")
-                ),
-                90,
+        started: list[tuple[Service, str]] = []
+        for name in names:
+            own = dict(settings)
+            metrics_port = own.setdefault("worker_metrics_port", free_port())
+            child = pmq_service(
+                name, ["worker"], env=self.env(**own), log_path=self.tmp / f"{name}.log"
             )
-        self.metrics_urls[child.name] = f"http://127.0.0.1:{metrics_port}/metrics"
-        return child
+            child.start()
+            self.children.append(child)
+            started.append((child, f"http://127.0.0.1:{metrics_port}/metrics"))
+        with redis.Redis.from_url(self.redis.url()) as client:
+            for child, metrics_url in started:
+                beat = f"pmq:worker:*-{child.proc.pid}"  # type: ignore[union-attr]
+                child.wait_ready(
+                    lambda beat=beat, url=metrics_url: any(client.scan_iter(beat)) and _up(url),
+                    90,
+                )
+                self.metrics_urls[child.name] = metrics_url
+        return [child for child, _ in started]
 
     def frontend(self, name: str, *, processes: int = 1, **settings: Any) -> tuple[Service, str]:
         """Start `pmq serve --transport http`; returns it and its MCP URL once it answers."""
@@ -187,9 +248,11 @@ def _up(url: str) -> bool:
 
 
 @contextmanager
-def bench_stack(redis_args: Sequence[str] = ()) -> Iterator[BenchStack]:
+def bench_stack(
+    redis_args: Sequence[str] = (), *, prefect: bool = True, backend: str = "sqlite"
+) -> Iterator[BenchStack]:
     with tempfile.TemporaryDirectory(prefix="pmq-bench-") as tmp:
-        stack = BenchStack(Path(tmp), redis_args=redis_args)
+        stack = BenchStack(Path(tmp), redis_args=redis_args, prefect=prefect, backend=backend)
         try:
             stack.start()
             yield stack
@@ -197,8 +260,8 @@ def bench_stack(redis_args: Sequence[str] = ()) -> Iterator[BenchStack]:
             stack.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants, from /proc."""
+def _processes() -> tuple[dict[int, int], dict[int, int]]:
+    """Every process's parent and CPU ticks (user + system), from /proc."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -209,16 +272,32 @@ def cpu_seconds(pid: int) -> float:
         child = int(stat.parent.name)
         parents[child] = int(fields[1])
         ticks[child] = sum(int(v) for v in fields[11:13])  # utime, stime
-    tree, frontier = {pid}, [pid]
+    return parents, ticks
+
+
+def process_tree(pids: Iterable[int], parents: dict[int, int] | None = None) -> set[int]:
+    """These processes and all their descendants."""
+    if parents is None:
+        parents, _ = _processes()
+    tree = set(pids)
+    frontier = list(tree)
     while frontier:
         current = frontier.pop()
         kids = [c for c, p in parents.items() if p == current and c not in tree]
         tree.update(kids)
         frontier += kids
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants, from /proc."""
+    parents, ticks = _processes()
+    tree = process_tree([pid], parents)
     return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
 __all__ = [
+    "PREFECT_BACKENDS",
     "RESULTS",
     "ROOT",
     "BenchStack",
@@ -227,6 +306,7 @@ __all__ = [
     "cpu_seconds",
     "machine",
     "percentile",
+    "process_tree",
     "table",
     "wait_until",
 ]

@@ -49,18 +49,19 @@ def main() -> None:
     if b1 := load("b1_caller_latency"):
         cols = ["mode", "clients", "calls", "calls_per_s", "p50_ms", "p99_ms"]
         body = markdown(b1["rows"], cols) + "\n\n" + markdown(b1["saturated"], cols)
+        body += "\n\n" + markdown(b1.get("pinned", []), cols)
         body += "\n\n" + markdown(b1["scale_out"], cols)
         parts.append(section(b1, "B1 caller latency", body))
     if b2 := load("b2_throughput"):
         cols = [
+            "backend",
             "mode",
-            "changes",
-            "seconds",
             "applied_per_s",
+            "x_direct_ceiling",
             "prefect_p50_ms",
             "prefect_p99_ms",
             "retried",
-            "cpu_ms_worker",
+            "cpu_ms_queue",
             "cpu_ms_prefect",
         ]
         parts.append(section(b2, "B2 applied throughput", markdown(b2["rows"], cols)))
@@ -72,6 +73,19 @@ def main() -> None:
         body = markdown(rows, ["phase", "commands", "bytes in", "bytes out"])
         body += f"\n\nMemory per pending job: {b4['memory']['bytes_per_pending_job']:,.0f} B."
         parts.append(section(b4, "B4 Redis cost per job", body))
+    if b6 := load("b6_queue_ceiling"):
+        cols = [
+            "workers",
+            "applied_per_s",
+            "cpu_ms_worker",
+            "cpu_ms_redis",
+            "cpu_ms_queue",
+            "redis_commands_per_change",
+            "redis_commands_per_s",
+            "redis_core_share",
+            "redis_ceiling_per_s",
+        ]
+        parts.append(section(b6, "B6 the queue's own ceiling", markdown(b6["rows"], cols)))
     if b5 := load("b5_tasks"):
         body = markdown(b5["answer"], ["call", "p50_ms", "p99_ms"]) + "\n\n"
         cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p99_ms"]

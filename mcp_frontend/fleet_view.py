@@ -11,13 +11,12 @@ from __future__ import annotations
 import statistics
 from datetime import datetime
 
-from arq.constants import default_queue_name
 from pydantic import BaseModel, Field
 
 from mcp_frontend.health import FleetProbe
 from mcp_frontend.jobs import FAILURE_STATUSES, JobQuery, JobService
 from mcp_frontend.progress import failure_reason
-from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, JobRecord, utcnow
+from worker.contract import QUEUE_KEY, STATS_LIVE_KEY, STATS_TOTAL_KEY, JobRecord, utcnow
 
 TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled")
 LIVE = ("queued", "running", "waiting")
@@ -36,7 +35,7 @@ class Failure(BaseModel):
 
 class FleetSnapshot(BaseModel):
     at: datetime
-    queue_depth: int = Field(description="Entries in the arq queue (queued, waiting, running).")
+    queue_depth: int = Field(description="Entries in the queue (queued, waiting, running).")
     live: dict[str, int] = Field(description="Jobs now queued, running and waiting.")
     totals: dict[str, int] = Field(description="Jobs ever enqueued, applied, rejected, ...")
     workers_alive: int
@@ -51,7 +50,7 @@ async def snapshot(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(STATS_TOTAL_KEY)
         pipe.hgetall(STATS_LIVE_KEY)
-        pipe.zcard(default_queue_name)
+        pipe.zcard(QUEUE_KEY)
         totals, live, depth = await pipe.execute()
     beats = await FleetProbe(redis, worker_max_age_s=worker_max_age_s).workers()
     latencies = [beat["prefect_ms"] for beat in beats if beat["prefect_ms"] >= 0]

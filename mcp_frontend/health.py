@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from arq.constants import default_queue_name
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,7 +16,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
+from worker.contract import QUEUE_KEY, STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
 
 TOTALS = (
     "enqueued",
@@ -26,7 +25,7 @@ TOTALS = (
     "failed",
     "cancelled",
     "retried",
-    "swept",  # requeued by the sweeper after arq dropped them
+    "swept",  # requeued by the sweeper after their queue entry was lost
     "duplicated",  # found in their run's history more than once
     "deduplicated",  # resent with an idempotency key: answered with the existing job
 )
@@ -82,7 +81,7 @@ class FleetProbe:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(STATS_TOTAL_KEY)
                 pipe.hgetall(STATS_LIVE_KEY)
-                pipe.zcard(default_queue_name)
+                pipe.zcard(QUEUE_KEY)
                 totals, live, depth = await pipe.execute()
             workers = await self.workers()
         except RedisError:
@@ -117,7 +116,7 @@ class _Snapshot:
             live.add_metric([name], max(0, self.live.get(name, 0)))
         yield live
         yield GaugeMetricFamily(
-            "pmq_queue_depth", "Entries in the arq queue (queued, waiting, running).", self.depth
+            "pmq_queue_depth", "Entries in the queue (queued, waiting, running).", self.depth
         )
         yield GaugeMetricFamily(
             "pmq_workers_alive", "Worker processes with a fresh heartbeat.", self.workers

@@ -32,7 +32,7 @@ from worker.contract import (
 )
 from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
-from worker.store import ClientQuota, JobStore, Transition
+from worker.store import JobStore, Transition
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,7 @@ class NotCancellable(Exception):
 
 
 def job_store(redis: Redis, settings: Settings) -> JobStore:
-    return JobStore(
-        redis,
-        result_ttl_s=settings.result_ttl_s,
-        job_deadline_s=settings.job_deadline_s,
-        max_queue_depth=settings.max_queue_depth,
-        recent_jobs=settings.recent_jobs,
-        durability=settings.durable_writes(),
-        quota=ClientQuota(
-            max_pending=settings.client_max_pending,
-            max_rps=settings.client_max_rps,
-            burst=settings.client_burst,
-        ),
-    )
+    return JobStore.from_settings(redis, settings)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ from mcp_frontend.devstack import (
 )
 from tests.chaos_proxy import ChaosProxy
 from tests.prefect_runs import PrefectRuns
+from worker.contract import QUEUE_KEY, WORKER_POLLED_KEY
 from worker.settings import Settings
 
 REDIS_DATABASES = 512
@@ -101,10 +102,10 @@ class Stack:
         worker = pmq_service(
             name, ["worker"], env=env, log_path=self.services.tmp / "logs" / f"{name}.log"
         )
-        self.redis.delete("arq:queue:health-check")
+        self.redis.delete(WORKER_POLLED_KEY)
         worker.start()
         self.workers.append(worker)
-        worker.wait_ready(lambda: bool(self.redis.exists("arq:queue:health-check")), 60)
+        worker.wait_ready(lambda: bool(self.redis.exists(WORKER_POLLED_KEY)), 60)
         return worker
 
     def start_frontend(
@@ -139,7 +140,7 @@ class Stack:
             return [
                 key.decode()
                 for key in client.scan_iter()
-                if client.ttl(key) == -1 and key != b"arq:queue"
+                if client.ttl(key) == -1 and key != QUEUE_KEY.encode()
             ]
         finally:
             client.close()

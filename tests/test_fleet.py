@@ -21,6 +21,7 @@ from tests.fleet import (
 )
 from tests.mcp_calls import error, ok
 from tests.prefect_runs import PrefectRuns
+from worker.contract import QUEUE_KEY
 
 
 async def test_per_run_order_holds_across_4_workers_and_20_clients(
@@ -115,7 +116,7 @@ async def test_idempotency_keys_inside_a_batch(stack: Stack) -> None:
             changes=[{**same, "idempotency_key": "k2"}, {**clash, "idempotency_key": "k2"}],
         )
         assert "changes[1].idempotency_key" in inside
-    assert stack.redis.zcard("arq:queue") == 1
+    assert stack.redis.zcard(QUEUE_KEY) == 1
 
 
 async def test_full_queue_recovers_by_itself_as_it_drains(
@@ -136,7 +137,7 @@ async def test_full_queue_recovers_by_itself_as_it_drains(
             )
             small.start_worker()
             await wait_all_terminal(client, [t["job_id"] for t in tickets], timeout_s=60)
-            wait_for(lambda: small.redis.zcard("arq:queue") == 0, 30, "queue drained")
+            wait_for(lambda: small.redis.zcard(QUEUE_KEY) == 0, 30, "queue drained")
             late = await ok(client, "set_flow_run_state", flow_run_id=runs[5][1], state="RUNNING")
             assert late["status"] == "queued"
             await wait_all_terminal(client, [late["job_id"]], timeout_s=60)

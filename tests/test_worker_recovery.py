@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import anyio
 import httpx
-from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +32,7 @@ from tests.prefect_runs import PrefectRuns
 from worker.contract import (
     INFLIGHT_KEY,
     PENDING_STATUSES,
+    QUEUE_KEY,
     STATS_TOTAL_KEY,
     TERMINAL_STATUSES,
     utcnow,
@@ -97,7 +97,7 @@ async def test_an_unreachable_prefect_never_leaves_a_job_running_without_a_queue
                 # The heartbeat never waits on the unreachable Prefect.
                 assert stack.redis.keys("pmq:worker:*"), "the worker looks dead"
                 if job["status"] == "running":
-                    assert stack.redis.zscore("arq:queue", ticket["job_id"]) is not None
+                    assert stack.redis.zscore(QUEUE_KEY, ticket["job_id"]) is not None
     assert job["status"] == "failed"
     assert job["error"]["code"] == "retries_exhausted"
     assert "ConnectTimeout" in job["error"]["message"]
@@ -242,11 +242,11 @@ async def _until_all(
         await ok(client, "get_job", job_id=job_ids[0], wait_s=0.2)
 
 
-async def test_the_sweeper_requeues_a_job_that_arq_dropped_while_it_ran(
+async def test_the_sweeper_requeues_a_running_job_whose_queue_entry_was_lost(
     stack: Stack, prefect: PrefectRuns
 ) -> None:
-    """What arq leaves after its own job timeout: the record `running`, and neither a
-    queue entry nor a payload nor an in-progress key. Nothing else would run it again."""
+    """A job claimed long ago, its record `running` and its queue entry gone (a
+    failover that kept the claim and lost the lease). Nothing else would run it again."""
     flow_run = await prefect.flow_run()
     async with Client(build_server(stack.settings)) as client:
         ticket = await ok(client, "set_flow_run_state", flow_run_id=flow_run, state="RUNNING")
@@ -263,8 +263,7 @@ async def test_the_sweeper_requeues_a_job_that_arq_dropped_while_it_ran(
         )
         assert claim.outcome == "claimed"
         await redis.zadd(INFLIGHT_KEY, {job_id: 0})  # claimed long ago
-        await redis.zrem(default_queue_name, job_id)
-        await redis.delete(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+        await redis.zrem(QUEUE_KEY, job_id)
     finally:
         await close_redis(redis)
     stack.start_worker(sweep_interval_s=0.5)
@@ -279,16 +278,15 @@ async def test_the_sweeper_requeues_a_queued_job_whose_queue_entry_a_failover_lo
     stack: Stack, prefect: PrefectRuns
 ) -> None:
     """Seen in the Sentinel failover test: a job never claimed, its record `queued`
-    on the new master, and arq's entries for it gone (rolled back, or dropped by arq
-    after it started the job twice). It is in the pending index from its enqueue on."""
+    on the new master, and its queue entry gone. It is in the pending index from its
+    enqueue on."""
     task_run = await prefect.task_run()
     async with Client(build_server(stack.settings)) as client:
         ticket = await ok(client, "set_task_run_state", task_run_id=task_run, state="RUNNING")
     job_id = ticket["job_id"]
     assert stack.redis.zscore(INFLIGHT_KEY, job_id) is not None
     stack.redis.zadd(INFLIGHT_KEY, {job_id: 0})  # last seen long ago
-    stack.redis.zrem(default_queue_name, job_id)
-    stack.redis.delete(job_key_prefix + job_id)
+    stack.redis.zrem(QUEUE_KEY, job_id)
     stack.start_worker(sweep_interval_s=0.5)
     async with Client(build_server(stack.settings)) as client:
         job = await wait_terminal(client, job_id, timeout_s=60)

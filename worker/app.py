@@ -1,6 +1,7 @@
-"""The arq worker: its settings, its resources, its background tasks and restart loop.
+"""The worker process: arq's Worker with our dispatcher, its resources, its background
+tasks and its restart loop.
 
-The job itself is `worker.job.apply_state_change`.
+How jobs are taken is `worker.dispatch`; the job itself is `worker.job.apply_state_change`.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from worker.applier import PrefectApplier, without_connect_retries
 from worker.concurrency import AdaptiveLimit, LimitSettings
 from worker.contract import (
     APPLY_STATE_CHANGE,
+    QUEUE_KEY,
     WORKER_KEY_PREFIX,
     json_deserializer,
     json_serializer,
 )
-from worker.job import after_job_end, apply_state_change
+from worker.dispatch import Dispatcher, QueueWorker, Slot
+from worker.durability import NotDurable
+from worker.job import apply_state_change, give_back
 from worker.redis_conn import arq_pool
 from worker.settings import Settings
-from worker.store import JobStore, RateLimiter
+from worker.store import JobStore, RateLimiter, Taken
 
 log = logging.getLogger(__name__)
 
-# Retries are ours (deadline and attempt budget); arq's counter only has to not get in the way.
-_ARQ_MAX_TRIES = 1_000_000
-_SPARE_JOBS = 6  # jobs a worker holds beyond its Prefect call slots: a poll interval's worth
 # After losing Redis: wait 0.5 s, doubling to 10 s while it stays away; a run that
 # lasted this long was a recovery, and the next loss starts from 0.5 s again.
 _FIRST_RESTART_DELAY_S = 0.5
@@ -54,11 +55,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
     arq_worker: Worker = ctx["arq_worker"]
 
-    def take_fewer_jobs(slots: int) -> None:
-        # arq takes jobs up to max_jobs (read on every poll). Jobs it holds beyond our
-        # slots only wait, and every worker's poll walks past them with a round trip
-        # each: so it takes what the slots can serve soon, and leaves the rest queued.
-        arq_worker.max_jobs = min(settings.worker_concurrency, slots + _SPARE_JOBS)
+    def more_slots(_: int) -> None:
+        dispatcher: Dispatcher | None = ctx.get("dispatcher")
+        if dispatcher is not None:
+            dispatcher.wake()
 
     ctx["concurrency"] = AdaptiveLimit(
         LimitSettings(
@@ -67,20 +67,27 @@ async def startup(ctx: dict[str, Any]) -> None:
             latency_tolerance=settings.prefect_latency_tolerance,
             latency_floor_s=settings.prefect_latency_floor_s,
         ),
-        on_change=take_fewer_jobs,
+        on_change=more_slots,
     )
-    take_fewer_jobs(int(ctx["concurrency"].limit))
     ctx["applier"] = PrefectApplier(
         ctx["prefect"], limiter, ctx["concurrency"], call_timeout_s=settings.prefect_timeout_s
     )
-    ctx["store"] = JobStore(
-        redis,
-        result_ttl_s=settings.result_ttl_s,
-        job_deadline_s=settings.job_deadline_s,
-        max_queue_depth=settings.max_queue_depth,
-        gate_grace_s=settings.job_timeout_s,
-        recent_jobs=settings.recent_jobs,
-        durability=settings.durable_writes(),
+    ctx["store"] = JobStore.from_settings(redis, settings)
+
+    async def run(taken: Taken, slot: Slot | None) -> None:
+        await apply_state_change(ctx, taken, slot)
+
+    async def unconfirmed(taken: list[Taken], exc: NotDurable) -> None:
+        await give_back(ctx["store"], taken, exc)
+
+    ctx["dispatcher"] = Dispatcher(
+        store=ctx["store"],
+        concurrency=ctx["concurrency"],
+        settings=settings,
+        run=run,
+        give_back=unconfirmed,
+        tasks=arq_worker.tasks,
+        may_take=lambda: arq_worker.allow_pick_jobs,
     )
 
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat(ctx))
@@ -88,6 +95,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "dispatcher" in ctx:
+        await ctx["dispatcher"].stop()
     for name in ("sweeper", "heartbeat"):
         if name in ctx:
             ctx[name].cancel()
@@ -101,40 +110,27 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 def build_worker(settings: Settings, **overrides: Any) -> Worker:
-    """An arq Worker wired to this project's settings, JSON serializer and hooks."""
+    """arq's Worker wired to this project's dispatcher, settings and hooks."""
     options: dict[str, Any] = {
-        "functions": [
-            func(
-                apply_state_change,
-                name=APPLY_STATE_CHANGE,
-                timeout=settings.arq_job_timeout_s,
-                max_tries=_ARQ_MAX_TRIES,
-                keep_result=0,
-            )
-        ],
+        # arq wants one; the dispatcher calls it (worker.dispatch), arq never does.
+        "functions": [func(apply_state_change, name=APPLY_STATE_CHANGE)],
+        "queue_name": QUEUE_KEY,  # arq only names its health-check key after it
         "redis_pool": arq_pool(settings),
         "job_serializer": json_serializer,
         "job_deserializer": json_deserializer,
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "after_job_end": after_job_end,
         "ctx": {"settings": settings},
-        "max_jobs": settings.worker_concurrency,
-        # Running jobs stay at the head of arq's queue and every worker reads past
-        # them; arq's default (5 x max_jobs) stalls a fleet of several workers.
-        "queue_read_limit": max(500, 10 * settings.worker_concurrency),
+        # Idle only: a busy worker takes the next job the moment a call slot frees.
         "poll_delay": settings.worker_poll_delay_s,
-        "keep_result": 0,
         "handle_signals": True,
         # SIGTERM (`docker stop`): take no new job, let the running ones finish (each is
         # bounded by the job timeout), then stop; compose's stop_grace_period is longer.
         "job_completion_wait": math.ceil(settings.job_timeout_s),
     }
     options.update(overrides)
-    worker = Worker(**options)
-    worker.ctx["arq_worker"] = worker  # startup() ties max_jobs to the adaptive limit
-    # arq derives this from the longest job timeout; the lease (see _lease) replaces it.
-    worker.in_progress_timeout_s = settings.worker_lease_s
+    worker = QueueWorker(**options)
+    worker.ctx["arq_worker"] = worker  # startup() gives the dispatcher its task table
     return worker
 
 

@@ -88,6 +88,25 @@ class AdaptiveLimit:
                 IN_FLIGHT.set(self.in_flight)
                 self._changed.notify_all()
 
+    def reserve(self, wanted: int) -> int:
+        """Take up to `wanted` free slots at once, without waiting; returns how many.
+
+        Each must be given back with `release`. The dispatcher reserves them before
+        it takes jobs, so that every job it claims has its call slot already.
+        """
+        granted = max(0, min(wanted, int(self.limit) - self.in_flight))
+        self.in_flight += granted
+        IN_FLIGHT.set(self.in_flight)
+        return granted
+
+    async def release(self, count: int = 1) -> None:
+        if count <= 0:
+            return
+        async with self._changed:
+            self.in_flight -= count
+            IN_FLIGHT.set(self.in_flight)
+            self._changed.notify_all()
+
     async def observe(self, latency_s: float, *, overloaded: bool) -> None:
         """Adapt to one finished Prefect call: 429, 5xx and timeouts count as overloaded."""
         if not self.settings.adaptive:

@@ -18,7 +18,12 @@ from pydantic import BaseModel, Field, field_validator
 # arq function name of the one job this project runs.
 APPLY_STATE_CHANGE = "apply_state_change"
 
-# Redis keys. arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live in arq.constants.
+# Redis keys.
+# Sorted set: job ids by when each is due (ms, Redis's clock). A job a worker holds
+# is due when its lease lapses; see worker.lua.TAKE. No payload: the record is the job.
+QUEUE_KEY = "pmq:queue"
+# arq's Worker writes this after each poll (arq names it after the queue: see worker.app).
+WORKER_POLLED_KEY = QUEUE_KEY + ":health-check"
 JOB_KEY_PREFIX = "pmq:job:"
 RUN_KEY_PREFIX = "pmq:run:"  # per run: `seq` counter and `last` job id
 IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"

@@ -46,13 +46,15 @@ class Durability(StrEnum):
 class NotDurable(Exception):
     """Redis did not confirm a write at the chosen level in time.
 
-    `written` False: the check failed before anything was written.
+    `written` False: the check failed before anything was written. `reply` is the
+    write's own answer when it was made (what a take claimed, say), else None.
     """
 
-    def __init__(self, reason: str, *, written: bool = True) -> None:
+    def __init__(self, reason: str, *, written: bool = True, reply: Any = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.written = written
+        self.reply = reply
 
 
 @dataclass
@@ -95,8 +97,13 @@ class DurableWrites:
         if isinstance(acks, Exception):
             # e.g. appendonly switched off since the probe; the write has happened.
             self._waitaof_until = 0.0
-            raise NotDurable(f"Redis refused {wait[0]}: {str(acks).splitlines()[0]}")
-        self._check(acks)
+            reason = f"Redis refused {wait[0]}: {str(acks).splitlines()[0]}"
+            raise NotDurable(reason, reply=reply)
+        try:
+            self._check(acks)
+        except NotDurable as exc:
+            exc.reply = reply
+            raise
         return reply
 
     async def _wait_command(self, redis: Redis) -> tuple[Any, ...] | None:

@@ -1,9 +1,10 @@
-"""The one job a worker runs: apply a queued change to Prefect and record the outcome.
+"""The one job a worker runs: apply a taken change to Prefect and record the outcome.
 
-arq stays behind this module and `worker.store`: the job function gets a job
-id, everything else comes from the record in Redis. Its resources (`store`,
-`applier`, `concurrency`, `settings`, `redis`) are in arq's ctx, set up by
-`worker.app.startup`.
+The dispatcher (`worker.dispatch`) takes jobs and hands each one here with its
+record: claimed (its call slot reserved, the call due now) or held (an earlier
+try may have reached Prefect, or its deadline passed: settled here first). Its
+resources (`store`, `applier`, `concurrency`, `settings`, `redis`) are in arq's
+ctx, set up by `worker.app.startup`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
-from arq.worker import Retry
 from redis.exceptions import RedisError
 
 from worker.applier import Outcome, PrefectApplier
@@ -31,33 +28,62 @@ from worker.contract import (
     Status,
     utcnow,
 )
+from worker.dispatch import Slot
 from worker.durability import NotDurable
 from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
 from worker.policy import backoff_s
 from worker.settings import Settings
-from worker.store import JobStore
+from worker.store import JobStore, Taken
 
 log = logging.getLogger(__name__)
 
-_PARKED = "pmq_parked"  # ctx flag: this run of the job parked it behind an earlier change
 _SLOT_RETRY_S = 0.5
+_REDIS_RETRY_S = 1.0
 _PROBE_TIMEOUT_S = 1.0
 
 
-async def apply_state_change(ctx: dict[str, Any], job_id: str) -> None:
-    """Apply one queued change to Prefect and record the outcome."""
+class Reschedule(Exception):
+    """Give the job back to the queue, due again in `delay_s`; no attempt used."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.delay_s = delay_s
+
+
+async def apply_state_change(ctx: dict[str, Any], taken: Taken, slot: Slot | None) -> None:
+    """Apply one taken change to Prefect and record the outcome."""
     settings: Settings = ctx["settings"]
+    store: JobStore = ctx["store"]
+    record = taken.record
     try:
-        # Ours, inside arq's (which is longer): arq would drop a job it times out,
-        # leaving its record `running` with no queue entry.
+        # A job that outlived this would hold its lease (and a slot) forever.
         async with asyncio.timeout(settings.job_timeout_s):
-            await _run(ctx, job_id)
+            try:
+                if slot is not None:
+                    await _apply_claimed(ctx, record, slot)
+                else:
+                    await _attempt(ctx, record)
+            except (Reschedule, RedisError, TimeoutError):
+                raise
+            except Exception as exc:
+                log.exception("job %s: unexpected error", record.job_id)
+                error = JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
+                await _finish(
+                    store,
+                    record,
+                    Outcome(Status.FAILED, error=error),
+                    allowed=(*PENDING_STATUSES, Status.RUNNING),
+                )
     except TimeoutError:
-        await _cut_off(ctx["store"], job_id, settings.job_timeout_s)
+        await _cut_off(store, record.job_id, settings.job_timeout_s)
+    except Reschedule as again:
+        await store.requeue(record.job_id, delay_s=again.delay_s)
     except RedisError as exc:
-        # Any exception but Retry would make arq drop the job; this keeps it queued.
-        log.warning("job %s: Redis error, will try again: %s", job_id, exc)
-        raise Retry(defer=1.0) from exc
+        # Its lease lapses and it runs again; the poll loop restarts the worker if
+        # Redis is gone for good.
+        log.warning("job %s: Redis error, will try again: %s", record.job_id, exc)
+        with contextlib.suppress(RedisError):
+            await store.requeue(record.job_id, delay_s=_REDIS_RETRY_S)
 
 
 async def _cut_off(store: JobStore, job_id: str, limit_s: float) -> None:
@@ -67,74 +93,31 @@ async def _cut_off(store: JobStore, job_id: str, limit_s: float) -> None:
     """
     log.warning("job %s: attempt cut off after %g s; it will be tried again", job_id, limit_s)
     error = JobError(code=ErrorCode.TRANSIENT, message=f"attempt cut off after {limit_s:g} s")
-    moved = await store.transition(
+    await store.transition(
         job_id,
         allowed=(Status.RUNNING,),
         status=Status.WAITING,
         set_fields={"ambiguous": True, "error": error, "next_attempt_at": utcnow()},
+        due_in_s=_SLOT_RETRY_S,
     )
-    if moved.applied or (moved.status is not None and not moved.status.is_terminal):
-        raise Retry(defer=_SLOT_RETRY_S)
 
 
-async def _run(ctx: dict[str, Any], job_id: str) -> None:
-    store: JobStore = ctx["store"]
-    record = await store.load(job_id)
-    if record is None:
-        log.warning("job %s has no record (expired or deleted); nothing to apply", job_id)
-        return
-    if record.status.is_terminal:
-        return  # cancelled while queued, or a re-delivery of a finished job
-    try:
-        async with _lease(ctx["redis"], job_id, ctx["settings"].worker_lease_s):
-            await _attempt(ctx, record)
-    except (Retry, RedisError):
-        raise
-    except Exception as exc:
-        log.exception("job %s: unexpected error", job_id)
-        error = JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
-        await _finish(
-            store,
-            record,
-            Outcome(Status.FAILED, error=error),
-            allowed=(*PENDING_STATUSES, Status.RUNNING),
-        )
-
-
-@contextlib.asynccontextmanager
-async def _lease(redis: ArqRedis, job_id: str, lease_s: float) -> AsyncIterator[None]:
-    """Keep arq's in-progress key alive while this worker holds the job.
-
-    arq would keep it for the longest job timeout plus 10 s, so a killed
-    worker's jobs would wait minutes; a short lease renewed by the living
-    worker brings that down to `lease_s`.
-    """
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            try:
-                await redis.pexpire(in_progress_key_prefix + job_id, int(lease_s * 1000))
-            except RedisError:
-                log.warning("job %s: could not renew its lease", job_id, exc_info=True)
-
-    renewer = asyncio.create_task(renew())
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+async def _apply_claimed(ctx: dict[str, Any], record: JobRecord, slot: Slot) -> None:
+    """The common case: claimed by the take, its slot reserved; call Prefect now."""
+    outcome = await ctx["applier"].apply(record, check_history=False)
+    await slot.release()  # the next call goes out while this outcome is written
+    await _conclude(ctx, record, outcome, uncertain=False)
 
 
 async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
+    """A held job: past its deadline, or an earlier try may have reached Prefect."""
     store: JobStore = ctx["store"]
     settings: Settings = ctx["settings"]
     now = utcnow()
     if now >= record.deadline:
         await _exhausted(store, record, "job deadline passed before the change could be applied")
         return
-    # A worker died mid-attempt (arq re-delivered a `running` job), or the last try
+    # A worker died mid-attempt (the job came due again `running`), or the last try
     # ended without an answer: Prefect may have written the change, even after the
     # call timed out. Read the history only once that call must be over.
     uncertain = record.status is Status.RUNNING or record.ambiguous
@@ -148,6 +131,7 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
         settled_at = _settled_at(applier, settings, record)
         if now < settled_at:
             await _settle(store, record, settled_at)
+            return
     concurrency: AdaptiveLimit = ctx["concurrency"]
     try:
         # The slot is taken before the claim: `running` means a Prefect call is due now.
@@ -155,8 +139,8 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
             await _claim_and_apply(ctx, record, uncertain)
     except SlotTimeout:
         # Prefect is slow and this worker's calls in flight are at their limit: give
-        # the job back (still `queued`, no attempt used) for any worker to take.
-        raise Retry(defer=_SLOT_RETRY_S) from None
+        # the job back (no attempt used) for any worker to take.
+        raise Reschedule(_SLOT_RETRY_S) from None
 
 
 def _settled_at(applier: PrefectApplier, settings: Settings, record: JobRecord) -> datetime:
@@ -193,14 +177,20 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
     except NotDurable as exc:
         await _unclaim(store, record, uncertain, exc)
         return
-    if claim.outcome == "blocked":
-        # Waiting behind an earlier change to this run: not an attempt. The earlier
-        # change wakes this one when it finishes; the deferral is only a safety net.
-        ctx[_PARKED] = True
-        raise Retry(defer=recheck_s)
     if claim.outcome != "claimed":
-        return  # cancelled or finished meanwhile
+        # Parked behind an earlier change to its run (not an attempt: that change's
+        # end wakes it), or cancelled or finished meanwhile.
+        return
     outcome = await ctx["applier"].apply(record, check_history=uncertain)
+    await _conclude(ctx, record, outcome, uncertain=uncertain)
+
+
+async def _conclude(
+    ctx: dict[str, Any], record: JobRecord, outcome: Outcome, *, uncertain: bool
+) -> None:
+    """Record what an attempt decided: finished, or waiting for its next try."""
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
     if outcome.called:
         record = record.model_copy(update={"attempts": record.attempts + 1})
     if outcome.status is not Status.WAITING:
@@ -216,6 +206,15 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
     # An earlier try's uncertainty stands until a history read has settled it.
     ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
     await _defer(store, settings, record, replace(outcome, ambiguous=ambiguous))
+
+
+async def give_back(store: JobStore, taken: list[Taken], exc: NotDurable) -> None:
+    """A take whose claims were not confirmed: no call was made for any of them."""
+    for job in taken:
+        if job.claimed:
+            await _unclaim(store, job.record, False, exc)
+        else:  # only leased: due again at once, for whoever takes it
+            await store.requeue(job.record.job_id, delay_s=0)
 
 
 async def _unclaim(store: JobStore, record: JobRecord, uncertain: bool, exc: NotDurable) -> None:
@@ -234,20 +233,19 @@ async def _unclaim(store: JobStore, record: JobRecord, uncertain: bool, exc: Not
         allowed=(Status.RUNNING,),
         status=Status.WAITING,
         set_fields={"next_attempt_at": utcnow(), "error": error, "ambiguous": uncertain},
+        due_in_s=_SLOT_RETRY_S,
     )
-    raise Retry(defer=_SLOT_RETRY_S)
 
 
 async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> None:
     """Defer an uncertain job until its interrupted call must be over; no attempt used."""
-    moved = await store.transition(
+    await store.transition(
         record.job_id,
         allowed=(Status.RUNNING, Status.WAITING),
         status=Status.WAITING,
         set_fields={"next_attempt_at": settled_at, "ambiguous": True},
+        due_in_s=(settled_at - utcnow()).total_seconds(),
     )
-    if moved.applied:
-        raise Retry(defer=(settled_at - utcnow()).total_seconds())
 
 
 async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome: Outcome) -> None:
@@ -285,11 +283,13 @@ async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome
         fields["orchestration"] = outcome.orchestration
     if outcome.error:
         fields["error"] = outcome.error
-    moved = await store.transition(
-        record.job_id, allowed=(Status.RUNNING,), status=Status.WAITING, set_fields=fields
+    await store.transition(
+        record.job_id,
+        allowed=(Status.RUNNING,),
+        status=Status.WAITING,
+        set_fields=fields,
+        due_in_s=delay,
     )
-    if moved.applied:
-        raise Retry(defer=delay)
 
 
 async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
@@ -310,9 +310,8 @@ async def _finish(
     allowed: tuple[Status, ...],
     verify_at: datetime | None = None,
 ) -> None:
-    fields: dict[str, Any] = {"finished_at": utcnow(), "attempts": record.attempts}
-    if verify_at is not None:
-        fields["verify_at_ms"] = int(verify_at.timestamp() * 1000)
+    finished_at = utcnow()
+    fields: dict[str, Any] = {"finished_at": finished_at, "attempts": record.attempts}
     clear = ["next_attempt_at", "blocked_on"]
     if outcome.orchestration:
         fields["orchestration"] = outcome.orchestration
@@ -321,37 +320,33 @@ async def _finish(
     else:
         clear.append("error")  # a transient error seen while waiting is history now
     await store.transition(
-        record.job_id, allowed=allowed, status=outcome.status, set_fields=fields, clear_fields=clear
+        record.job_id,
+        allowed=allowed,
+        status=outcome.status,
+        set_fields=fields,
+        clear_fields=clear,
+        verify_at=verify_at,
     )
-    JOBS_FINISHED.labels(outcome.status.value).inc()
-    JOB_LATENCY_SECONDS.labels(outcome.status.value).observe(
-        (fields["finished_at"] - record.enqueued_at).total_seconds()
-    )
+    status = outcome.status.value
+    JOBS_FINISHED.labels(status).inc()
+    JOB_LATENCY_SECONDS.labels(status).observe((finished_at - record.enqueued_at).total_seconds())
     level = logging.WARNING if outcome.status is Status.FAILED else logging.INFO
+    if not log.isEnabledFor(level):
+        return  # the line below costs more than the rest of this function
     log.log(
         level,
         "job %s",
-        outcome.status.value,
+        status,
         extra={
             "job_id": record.job_id,
             "run_type": record.run_type.value,
             "run_id": record.run_id,
             "client_id": record.client_id,
             "state": record.state.value,
-            "status": outcome.status.value,
+            "status": status,
             "attempts": record.attempts,
             "error_code": outcome.error.code.value if outcome.error else None,
             "reason": (outcome.error.message if outcome.error else None)
             or (outcome.orchestration.reason if outcome.orchestration else None),
         },
     )
-
-
-async def after_job_end(ctx: dict[str, Any]) -> None:
-    """Close the race between parking a job and its blocker finishing.
-
-    arq re-scores a retried job after our function returns, which can overwrite
-    the wake-up the blocker sent in between; re-checking here catches that.
-    """
-    if ctx.get(_PARKED):
-        await ctx["store"].recheck_parked(ctx["job_id"])

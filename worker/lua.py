@@ -21,15 +21,21 @@ local function is_terminal(s)
   return s == "applied" or s == "rejected" or s == "failed" or s == "cancelled"
 end
 
--- The predecessor job id this record must wait for, or false.
-local function blocker(P, rec, now_ms, grace_ms)
-  local prev = redis.call("HGET", rec, "prev_job_id")
+local function now_ms()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The job that must finish before one whose predecessor is `prev`, or false: the
+-- nearest non-cancelled predecessor, unless it is terminal, has vanished (expired
+-- or deleted) or is past its deadline plus `grace_ms` (it can never be applied).
+local function blocker_from(P, prev, now, grace_ms)
   while prev do
     local p = redis.call("HMGET", P .. prev, "status", "deadline_ms", "prev_job_id")
     if not p[1] then return false end
     if p[1] ~= "cancelled" then
       if is_terminal(p[1]) then return false end
-      if tonumber(p[2]) + grace_ms < now_ms then return false end
+      if tonumber(p[2]) + grace_ms < now then return false end
       return prev
     end
     prev = p[3]
@@ -37,34 +43,40 @@ local function blocker(P, rec, now_ms, grace_ms)
   return false
 end
 
--- Move the first parked, non-cancelled successor of `rec` to the front of the queue.
-local function wake_successor(P, Q, rec, now_ms)
-  local nxt = redis.call("HGET", rec, "next_job_id")
+local function blocker(P, rec, now, grace_ms)
+  return blocker_from(P, redis.call("HGET", rec, "prev_job_id"), now, grace_ms)
+end
+
+-- Move the first non-cancelled successor (`nxt` and on) to the front of the queue
+-- if it is parked: `blocked_on` set, `queued` (blocked from its enqueue) or `waiting`.
+local function wake_successor(P, Q, nxt, now)
   while nxt do
     local s = redis.call("HMGET", P .. nxt, "status", "blocked_on", "next_job_id")
     if not s[1] then return end
     if s[1] ~= "cancelled" then
-      if s[1] == "waiting" and s[2] then redis.call("ZADD", Q, "XX", now_ms, nxt) end
+      if (s[1] == "waiting" or s[1] == "queued") and s[2] then
+        redis.call("ZADD", Q, "XX", now, nxt)
+      end
       return
     end
     nxt = s[3]
   end
 end
 
-local function now_ms()
-  local t = redis.call("TIME")
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 -- Fleet-wide figures for /metrics: totals per outcome, and how many jobs are in
--- each live status. Kept a week past the last change, like any key with a TTL.
+-- each live status. They live a week past the last enqueue: ENQUEUE refreshes
+-- their TTL once per batch (a PEXPIRE per count was a tenth of a job's commands).
 local function count(key, field, by)
   redis.call("HINCRBY", key, field, by)
-  redis.call("PEXPIRE", key, 604800000)
 end
 
 local function count_total(field, by) count("STATS_TOTAL", field, by) end
 local function count_live(field, by) count("STATS_LIVE", field, by) end
+
+local function keep_stats()
+  redis.call("PEXPIRE", "STATS_TOTAL", 604800000)
+  redis.call("PEXPIRE", "STATS_LIVE", 604800000)
+end
 
 local function moved(from, to)
   if from == to then return end
@@ -74,12 +86,14 @@ local function moved(from, to)
 end
 """.replace("STATS_LIVE", STATS_LIVE_KEY).replace("STATS_TOTAL", STATS_TOTAL_KEY)
 
-# KEYS: arq queue, the client's pending set, the client's rate key, the recent-jobs
+# KEYS: the queue, the client's pending set, the client's rate key, the recent-jobs
 #       index, the pending-jobs index the sweeper walks
-# ARGV: max queue depth, pending ttl ms, record prefix, arq job prefix, run prefix,
+# ARGV: max queue depth, pending ttl ms, record prefix, gate grace ms, run prefix,
 #       idempotency prefix, client max pending (0 = none), client rate interval ms
-#       (0 = none), client burst ms, jobs the index keeps, then one JSON item per change:
-#       {"id", "payload", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
+#       (0 = none), client burst ms, jobs the index keeps, gate recheck ms, then one
+#       JSON item per change: {"id", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
+# A change whose predecessor is unfinished is queued parked (`blocked_on`, due at the
+# recheck): the predecessor's end wakes it, and no worker takes it only to park it.
 # Returns {"full"} | {"conflict", index, existing id} | {"pending", count} |
 #         {"rate", wait ms} | {"ok", {kind, id, seq}, ...} with kind "new" or "duplicate"
 ENQUEUE = (
@@ -87,10 +101,10 @@ ENQUEUE = (
     + """
 local Q, PENDING, RATE, RECENT, INFLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
-local P, J, R, I = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local P, grace, R, I = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local max_pending, interval, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local keep = tonumber(ARGV[10])
-local FIRST = 11
+local keep, recheck = tonumber(ARGV[10]), tonumber(ARGV[11])
+local FIRST = 12
 local items, fresh = {}, 0
 for i = FIRST, #ARGV do
   local item = cjson.decode(ARGV[i])
@@ -121,7 +135,7 @@ if fresh > 0 and interval > 0 then
   if new_tat - burst > now then return {"rate", new_tat - burst - now} end
   redis.call("SET", RATE, new_tat, "PX", new_tat - now + 1000)
 end
-local out = {"ok"}
+local out, queue = {"ok"}, {}
 for _, item in ipairs(items) do
   if item.existing then
     out[#out + 1] = {"duplicate", item.existing, 0}
@@ -132,28 +146,39 @@ for _, item in ipairs(items) do
     redis.call("HSET", run, "last", item.id)
     redis.call("PEXPIRE", run, ttl)
     local rec = P .. item.id
-    redis.call("HSET", rec, "seq", seq, unpack(item.fields))
+    local due, extra = now, {}
     if prev then
-      redis.call("HSET", rec, "prev_job_id", prev)
+      extra = {"prev_job_id", prev}
       if redis.call("EXISTS", P .. prev) == 1 then
         redis.call("HSET", P .. prev, "next_job_id", item.id)
+        local blocked = blocker_from(P, prev, now, grace)
+        if blocked then
+          extra = {"prev_job_id", prev, "blocked_on", blocked}
+          due = now + recheck
+        end
       end
     end
-    redis.call("PEXPIRE", rec, ttl)
-    redis.call("SET", J .. item.id, item.payload, "PX", ttl)
-    redis.call("ZADD", Q, now, item.id)
-    if item.idem ~= "" then redis.call("SET", I .. item.idem, item.id, "PX", ttl) end
     if max_pending > 0 then
+      -- Tells the job's end to take it out of its client's pending set.
+      extra[#extra + 1] = "quota_pending"
+      extra[#extra + 1] = "1"
       redis.call("ZADD", PENDING, item.deadline, item.id)
       redis.call("PEXPIRE", PENDING, ttl)
     end
+    redis.call("HSET", rec, "seq", seq, unpack(item.fields))
+    if #extra > 0 then redis.call("HSET", rec, unpack(extra)) end
+    redis.call("PEXPIRE", rec, ttl)
+    queue[#queue + 1] = due
+    queue[#queue + 1] = item.id
+    if item.idem ~= "" then redis.call("SET", I .. item.idem, item.id, "PX", ttl) end
     if keep > 0 then redis.call("ZADD", RECENT, now, item.id) end
-    -- From the start, not from the claim: a failover can roll back arq's queue entry
+    -- From the start, not from the claim: a failover can roll back the queue entry
     -- of a job never claimed, and the sweeper must find it.
     redis.call("ZADD", INFLIGHT, now, item.id)
     out[#out + 1] = {"new", item.id, seq}
   end
 end
+if #queue > 0 then redis.call("ZADD", Q, unpack(queue)) end
 if fresh < #items then
   -- Counted, and a write even when nothing is new: a durability wait (WAIT, WAITAOF)
   -- covers its connection's writes, and this one follows the original's.
@@ -162,6 +187,7 @@ end
 if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
   count_total("enqueued", fresh)
   count_live("queued", fresh)
+  keep_stats()
   redis.call("PEXPIRE", INFLIGHT, ttl)
   if keep > 0 then
     redis.call("ZREMRANGEBYRANK", RECENT, 0, -keep - 1)
@@ -172,15 +198,19 @@ return out
 """
 )
 
-# KEYS: record, the in-flight index
+# A worker's claim of one job it holds already (taken by TAKE as "held"), once its
+# earlier try has settled.
+# KEYS: record, the in-flight index, the queue
 # ARGV: record prefix, grace ms, allowed statuses (space-separated), next check
-#       time (ISO, shown while parked), status channel, job id, index ttl ms, then
-#       claim field/value pairs (status included).
+#       time (ISO, shown while parked), status channel, job id, index ttl ms, recheck
+#       ms, then claim field/value pairs (status included).
+# A blocked job is parked and due again at the recheck, in this same step: its
+# blocker's end, whenever it comes, is then always the later write.
 # Returns {"claimed"} | {"blocked", predecessor id} | {"skip", status} | {"gone"}
 CLAIM = (
     _HELPERS
     + """
-local rec, P, INFLIGHT = KEYS[1], ARGV[1], KEYS[2]
+local rec, P, INFLIGHT, Q = KEYS[1], ARGV[1], KEYS[2], KEYS[3]
 local current = redis.call("HGET", rec, "status")
 if not current then return {"gone"} end
 local allowed = false
@@ -188,16 +218,18 @@ for s in string.gmatch(ARGV[3], "%S+") do
   if s == current then allowed = true end
 end
 if not allowed then return {"skip", current} end
-local prev = blocker(P, rec, now_ms(), tonumber(ARGV[2]))
+local now = now_ms()
+local prev = blocker(P, rec, now, tonumber(ARGV[2]))
 if prev then
   redis.call("HSET", rec, "status", "waiting", "blocked_on", prev, "next_attempt_at", ARGV[4])
+  redis.call("ZADD", Q, now + tonumber(ARGV[8]), ARGV[6])
   moved(current, "waiting")
   redis.call("PUBLISH", ARGV[5], ARGV[6])
   return {"blocked", prev}
 end
 redis.call("HDEL", rec, "blocked_on", "next_attempt_at")
-redis.call("HSET", rec, unpack(ARGV, 8, #ARGV))
-redis.call("ZADD", INFLIGHT, now_ms(), ARGV[6])
+redis.call("HSET", rec, unpack(ARGV, 9, #ARGV))
+redis.call("ZADD", INFLIGHT, now, ARGV[6])
 redis.call("PEXPIRE", INFLIGHT, ARGV[7])
 moved(current, "running")
 redis.call("PUBLISH", ARGV[5], ARGV[6])
@@ -205,89 +237,168 @@ return {"claimed"}
 """
 )
 
-# After a parked job's arq run has ended: if its blocker finished in the
-# meantime (its wake-up may have been overwritten by arq re-scoring the job),
-# move it to the front of the queue now.
-# KEYS: record, arq queue   ARGV: record prefix, grace ms, job id
-RECHECK = (
+# Take up to `n` due jobs for a worker, in one step. The queue is a sorted set of
+# job ids by the time each is due; taking a job moves it to now + lease, so that
+# no other worker sees it while its holder renews the lease, and a dead holder's
+# jobs come due again when the lease lapses. Per job, by its record:
+# - gone or terminal: out of the queue;
+# - uncertain (`running`: its last holder died mid-call; `ambiguous`: its last
+#   call got no answer) or past its deadline: "held", for the worker to settle;
+# - behind an unfinished earlier change: parked (`waiting`, `blocked_on`), due at
+#   the recheck; the earlier change's end wakes it;
+# - else "claimed": `running`, its call due now.
+# KEYS: the queue
+# ARGV: record prefix, n, lease ms, grace ms, recheck ms, now (ISO, for the record),
+#       the recheck time (ISO, shown while parked), status channel
+# Returns {kind, record field/value list, ...}: the record as read, before the claim.
+TAKE = (
     _HELPERS
     + """
-local rec = KEYS[1]
-local s = redis.call("HMGET", rec, "status", "blocked_on")
-if s[1] ~= "waiting" or not s[2] then return 0 end
-if blocker(ARGV[1], rec, now_ms(), tonumber(ARGV[2])) then return 0 end
-redis.call("ZADD", KEYS[2], "XX", now_ms(), ARGV[3])
-return 1
+local Q, P, n = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local lease, grace, recheck = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now_iso, recheck_iso, channel = ARGV[6], ARGV[7], ARGV[8]
+local now = now_ms()
+-- Read past a few parked ones, so that one call usually fills every free slot.
+local ids = redis.call("ZRANGEBYSCORE", Q, "-inf", now, "LIMIT", 0, n + 8)
+local out, due, gone, live = {}, {}, {}, {}
+local function shift(from, to)
+  live[from] = (live[from] or 0) - 1
+  live[to] = (live[to] or 0) + 1
+end
+for _, id in ipairs(ids) do
+  if #out >= 2 * n then break end
+  local h = redis.call("HGETALL", P .. id)
+  local r = {}
+  for i = 1, #h, 2 do r[h[i]] = h[i + 1] end
+  local status = r.status
+  if not status or is_terminal(status) then
+    gone[#gone + 1] = id
+  elseif status == "running" or r.ambiguous == "1" or tonumber(r.deadline_ms or 0) <= now then
+    due[#due + 1] = now + lease
+    due[#due + 1] = id
+    out[#out + 1] = "held"
+    out[#out + 1] = h
+  else
+    local prev = blocker_from(P, r.prev_job_id, now, grace)
+    if prev then
+      redis.call("HSET", P .. id, "status", "waiting", "blocked_on", prev,
+        "next_attempt_at", recheck_iso)
+      due[#due + 1] = now + recheck
+      due[#due + 1] = id
+      if status ~= "waiting" then shift(status, "waiting") end
+      redis.call("PUBLISH", channel, id)
+    else
+      if r.blocked_on or r.next_attempt_at then
+        redis.call("HDEL", P .. id, "blocked_on", "next_attempt_at")
+      end
+      redis.call("HSET", P .. id, "status", "running", "attempt_started_at", now_iso,
+        "started_at", r.started_at or now_iso)
+      due[#due + 1] = now + lease
+      due[#due + 1] = id
+      shift(status, "running")
+      redis.call("PUBLISH", channel, id)
+      out[#out + 1] = "claimed"
+      out[#out + 1] = h
+    end
+  end
+end
+if #due > 0 then redis.call("ZADD", Q, unpack(due)) end
+if #gone > 0 then redis.call("ZREM", Q, unpack(gone)) end
+for field, by in pairs(live) do
+  if by ~= 0 then count_live(field, by) end
+end
+return out
 """
 )
 
-# KEYS: record, arq queue, the recent-failures index, the in-flight index, the verify queue
+# Make queued jobs due `ms` from now by Redis's clock (every queue score is): to
+# renew the leases of the jobs a worker holds ("GT": never sooner than they are
+# due), or to requeue one after a pause. Never queues a job that left the queue
+# meanwhile (XX). KEYS: the queue   ARGV: ms from now, "GT" or "", then job ids
+DUE = (
+    _HELPERS
+    + """
+local at = now_ms() + tonumber(ARGV[1])
+local args = {}
+for i = 3, #ARGV do
+  args[#args + 1] = at
+  args[#args + 1] = ARGV[i]
+end
+if ARGV[2] == "GT" then return redis.call("ZADD", KEYS[1], "XX", "GT", unpack(args)) end
+return redis.call("ZADD", KEYS[1], "XX", unpack(args))
+"""
+)
+
+# KEYS: record, the queue, the recent-failures index, the in-flight index, the verify queue
 # ARGV: record prefix, client prefix, allowed statuses (space-separated), record ttl ms (0 = leave),
-#       channel to publish the job id on, job id, jobs the failures index keeps, number
-#       of fields to delete, those fields, then field/value pairs to set (status included).
-#       A field `verify_at_ms` is not stored: it queues the job for a duplicate check.
+#       channel to publish the job id on, job id, jobs the failures index keeps, due in
+#       ms (-1 = leave the queue entry as it is), when to check for a duplicate (ms since
+#       the epoch, 0 = never), number of fields to delete, those fields, then field/value
+#       pairs to set (status first).
+# A terminal status leaves the queue and wakes the next change to the run if parked
+# behind this one; "due in" requeues a job that goes on waiting.
 # Returns {1, status} when applied, {0, current status or ""} when not.
 TRANSITION = (
     _HELPERS
     + """
-local rec, P, C = KEYS[1], ARGV[1], ARGV[2]
-local current = redis.call("HGET", rec, "status")
+local rec, Q, P, C, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[6]
+local r = redis.call("HMGET", rec, "status", "next_job_id", "client_id", "quota_pending")
+local current = r[1]
 if not current then return {0, ""} end
 local allowed = false
 for s in string.gmatch(ARGV[3], "%S+") do
   if s == current then allowed = true end
 end
 if not allowed then return {0, current} end
-local ndel = tonumber(ARGV[8])
-if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 9, 8 + ndel)) end
-local first = 9 + ndel
-if first <= #ARGV then redis.call("HSET", rec, unpack(ARGV, first, #ARGV)) end
-local verify_at = redis.call("HGET", rec, "verify_at_ms")
-if verify_at then
-  redis.call("HDEL", rec, "verify_at_ms")
-  redis.call("ZADD", KEYS[5], verify_at, ARGV[6])
-  redis.call("PEXPIRE", KEYS[5], ARGV[4])
+local ttl, due_in, verify_at = tonumber(ARGV[4]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local ndel = tonumber(ARGV[10])
+if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 11, 10 + ndel)) end
+local first = 11 + ndel
+redis.call("HSET", rec, unpack(ARGV, first, #ARGV))
+local status = ARGV[first + 1]
+if verify_at > 0 then
+  redis.call("ZADD", KEYS[5], verify_at, id)
+  redis.call("PEXPIRE", KEYS[5], ttl)
 end
-local status = redis.call("HGET", rec, "status")
 moved(current, status)
+local now = now_ms()
 if is_terminal(status) then
-  redis.call("ZREM", KEYS[4], ARGV[6])
-  wake_successor(P, KEYS[2], rec, now_ms())
-  local client = redis.call("HGET", rec, "client_id")
-  if client then redis.call("ZREM", C .. client .. ":pending", ARGV[6]) end
+  redis.call("ZREM", Q, id)
+  redis.call("ZREM", KEYS[4], id)
+  if r[2] then wake_successor(P, Q, r[2], now) end
+  if r[4] then redis.call("ZREM", C .. r[3] .. ":pending", id) end
   local keep = tonumber(ARGV[7])
   if keep > 0 and (status == "rejected" or status == "failed") then
-    redis.call("ZADD", KEYS[3], now_ms(), ARGV[6])
+    redis.call("ZADD", KEYS[3], now, id)
     redis.call("ZREMRANGEBYRANK", KEYS[3], 0, -keep - 1)
-    redis.call("PEXPIRE", KEYS[3], ARGV[4])
+    redis.call("PEXPIRE", KEYS[3], ttl)
   end
+elseif due_in >= 0 then
+  redis.call("ZADD", Q, now + due_in, id)
 end
-if tonumber(ARGV[4]) > 0 then redis.call("PEXPIRE", rec, ARGV[4]) end
-redis.call("PUBLISH", ARGV[5], ARGV[6])
+if ttl > 0 then redis.call("PEXPIRE", rec, ttl) end
+redis.call("PUBLISH", ARGV[5], id)
 return {1, status}
 """
 )
 
-# Requeue the in-flight jobs that lost their arq queue entry while still pending
-# (arq drops a job it times out), and refresh the rest. KEYS: arq queue, in-flight
-# index   ARGV: record prefix, arq job prefix, arq in-progress prefix, arq job ttl ms,
-# then job id, arq payload pairs (the candidates, oldest first).
-# Returns the requeued job ids.
+# Requeue the in-flight jobs that lost their queue entry while still pending (a
+# failover can roll back the entry, not the record), and refresh the rest.
+# KEYS: the queue, the in-flight index   ARGV: record prefix, then job ids (the
+# candidates, oldest first). Returns the requeued job ids.
 SWEEP = (
     _HELPERS
     + """
-local Q, INFLIGHT = KEYS[1], KEYS[2]
-local P, J, IP, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local Q, INFLIGHT, P = KEYS[1], KEYS[2], ARGV[1]
 local now, requeued = now_ms(), {}
-for i = 5, #ARGV, 2 do
-  local id, payload = ARGV[i], ARGV[i + 1]
+for i = 2, #ARGV do
+  local id = ARGV[i]
   local status = redis.call("HGET", P .. id, "status")
   if not status or is_terminal(status) then
     redis.call("ZREM", INFLIGHT, id)
-  elseif redis.call("ZSCORE", Q, id) or redis.call("EXISTS", IP .. id) == 1 then
+  elseif redis.call("ZSCORE", Q, id) then
     redis.call("ZADD", INFLIGHT, "XX", now, id)  -- alive: look again next time
   else
-    redis.call("SET", J .. id, payload, "PX", ttl)
     redis.call("ZADD", Q, now, id)
     redis.call("ZADD", INFLIGHT, "XX", now, id)
     count_total("swept", 1)
@@ -299,8 +410,8 @@ return requeued
 )
 
 # What a caller waits for, for progress messages: the unfinished earlier changes to
-# the same run (up to a cap), and the job's place in the arq queue (-1 if not there).
-# KEYS: record, arq queue   ARGV: record prefix, cap, job id
+# the same run (up to a cap), and the job's place in the queue (-1 if not there).
+# KEYS: record, the queue   ARGV: record prefix, cap, job id
 PROGRESS = (
     _HELPERS
     + """

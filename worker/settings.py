@@ -229,12 +229,6 @@ class Settings(BaseSettings):
         call's timeout), a liveness probe (2 s) and the inline rate-limit waits.
 
         Crash recovery does not wait for it: a worker holds each job through a
-        renewed `worker_lease_s` lease instead (see worker.job).
+        renewed `worker_lease_s` lease instead (see worker.dispatch).
         """
         return 2.5 * self.prefect_timeout_s + 5
-
-    @property
-    def arq_job_timeout_s(self) -> float:
-        """arq's own limit on one run of a job: longer than ours, so ours fires first
-        (arq drops a job it times out, leaving its record pending)."""
-        return self.job_timeout_s + 10

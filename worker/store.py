@@ -10,22 +10,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
-from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from worker import lua
 from worker.contract import (
-    APPLY_STATE_CHANGE,
     BATCH_KEY_PREFIX,
     CLIENT_KEY_PREFIX,
     FAILURES_KEY,
     IDEMPOTENCY_KEY_PREFIX,
     INFLIGHT_KEY,
     JOB_KEY_PREFIX,
+    QUEUE_KEY,
     RATE_LIMIT_KEY,
     RECENT_KEY,
     RUN_KEY_PREFIX,
@@ -38,10 +36,10 @@ from worker.contract import (
     Status,
     fields_to_hash,
     job_key,
-    json_serializer,
     utcnow,
 )
-from worker.durability import DurableWrites
+from worker.durability import DurableWrites, NotDurable
+from worker.settings import Settings
 
 
 class QueueFull(Exception):
@@ -95,6 +93,25 @@ class Claim:
     blocked_on: str | None = None
 
 
+class TakeNotConfirmed(Exception):
+    """A take's claims were made but not stored at the durability level in time:
+    no Prefect call may follow them (see `worker.job.give_back`)."""
+
+    def __init__(self, cause: NotDurable, taken: list[Taken]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.taken = taken
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A job a worker took from the queue: claimed (its call is due now), or held
+    for the worker to settle an earlier try first (see `worker.lua.TAKE`)."""
+
+    record: JobRecord
+    claimed: bool
+
+
 class JobStore:
     """Reads and writes job records; shared by the frontend and the workers."""
 
@@ -106,8 +123,9 @@ class JobStore:
         job_deadline_s: float,
         max_queue_depth: int,
         gate_grace_s: float = 0.0,
+        gate_recheck_s: float = 5.0,
         quota: ClientQuota = ClientQuota(),
-        queue_name: str = default_queue_name,
+        queue_name: str = QUEUE_KEY,
         recent_jobs: int = 10_000,
         durability: DurableWrites | None = None,
     ) -> None:
@@ -119,14 +137,35 @@ class JobStore:
         self.job_deadline_s = job_deadline_s
         self.max_queue_depth = max_queue_depth
         self.gate_grace_ms = int(gate_grace_s * 1000)
+        self.gate_recheck_ms = int(gate_recheck_s * 1000)
         self.quota = quota
         self.queue_name = queue_name
         self._enqueue = redis.register_script(lua.ENQUEUE)
         self._claim = redis.register_script(lua.CLAIM)
-        self._recheck = redis.register_script(lua.RECHECK)
+        self._take = redis.register_script(lua.TAKE)
+        self._due = redis.register_script(lua.DUE)
         self._transition = redis.register_script(lua.TRANSITION)
         self._progress = redis.register_script(lua.PROGRESS)
         self._sweep = redis.register_script(lua.SWEEP)
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> JobStore:
+        """The store as the frontends and the workers both use it: one gate, one quota."""
+        return cls(
+            redis,
+            result_ttl_s=settings.result_ttl_s,
+            job_deadline_s=settings.job_deadline_s,
+            max_queue_depth=settings.max_queue_depth,
+            gate_grace_s=settings.job_timeout_s,
+            gate_recheck_s=settings.gate_recheck_s,
+            recent_jobs=settings.recent_jobs,
+            durability=settings.durable_writes(),
+            quota=ClientQuota(
+                max_pending=settings.client_max_pending,
+                max_rps=settings.client_max_rps,
+                burst=settings.client_burst,
+            ),
+        )
 
     @property
     def pending_ttl_ms(self) -> int:
@@ -137,7 +176,7 @@ class JobStore:
         return (await self.enqueue_many([record]))[0]
 
     async def enqueue_many(self, records: Sequence[JobRecord]) -> list[Enqueued]:
-        """Store records and their arq queue entries in one atomic round trip, in order.
+        """Store records and their queue entries in one atomic round trip, in order.
 
         All or nothing: a full queue or an idempotency conflict writes nothing. Returns
         once the write is stored at the durability level; NotDurable if it is not in time.
@@ -169,13 +208,14 @@ class JobStore:
                 self.max_queue_depth,
                 self.pending_ttl_ms,
                 JOB_KEY_PREFIX,
-                job_key_prefix,
+                self.gate_grace_ms,
                 RUN_KEY_PREFIX,
                 IDEMPOTENCY_KEY_PREFIX,
                 quota.max_pending or 0,
                 interval_ms,
                 interval_ms * quota.burst,
                 self.recent_jobs,
+                self.gate_recheck_ms,
                 *items,
             ],
         )
@@ -244,7 +284,7 @@ class JobStore:
         reply = await self.durability.run(
             self.redis,
             self._claim,
-            [job_key(job_id), INFLIGHT_KEY],
+            [job_key(job_id), INFLIGHT_KEY, self.queue_name],
             [
                 JOB_KEY_PREFIX,
                 self.gate_grace_ms,
@@ -253,6 +293,7 @@ class JobStore:
                 STATUS_CHANNEL,
                 job_id,
                 self.pending_ttl_ms,
+                max(int((recheck_at - utcnow()).total_seconds() * 1000), 0),
                 *_flatten(encoded),
             ],
         )
@@ -263,13 +304,45 @@ class JobStore:
             return Claim(outcome)  # type: ignore[arg-type]
         raise RuntimeError(f"unexpected claim reply {reply!r}")
 
-    async def recheck_parked(self, job_id: str) -> bool:
-        """Requeue a parked job at once if its blocker finished; True if it did."""
-        woke = await self._recheck(
-            keys=[job_key(job_id), self.queue_name],
-            args=[JOB_KEY_PREFIX, self.gate_grace_ms, job_id],
-        )
-        return bool(woke)
+    async def take(self, n: int, *, lease_s: float) -> list[Taken]:
+        """Take up to `n` due jobs: claim those whose call is due, hold the uncertain.
+
+        One round trip for all of them (see `worker.lua.TAKE`). Returns once the
+        claims are stored at the durability level (NotDurable if not in time): a
+        claim lost after Prefect had the change would let it be applied twice.
+        """
+        now = utcnow()
+        recheck_at = now + timedelta(milliseconds=self.gate_recheck_ms)
+        try:
+            reply = await self.durability.run(
+                self.redis,
+                self._take,
+                [self.queue_name],
+                [
+                    JOB_KEY_PREFIX,
+                    n,
+                    int(lease_s * 1000),
+                    self.gate_grace_ms,
+                    self.gate_recheck_ms,
+                    now.isoformat(),
+                    recheck_at.isoformat(),
+                    STATUS_CHANNEL,
+                ],
+            )
+        except NotDurable as exc:
+            if exc.reply is None:
+                raise
+            raise TakeNotConfirmed(exc, _taken(exc.reply, now)) from exc
+        return _taken(reply, now)
+
+    async def renew(self, job_ids: Sequence[str], *, lease_s: float) -> None:
+        """Extend the leases of the jobs this worker holds (one round trip for all)."""
+        if job_ids:
+            await self._due(keys=[self.queue_name], args=[int(lease_s * 1000), "GT", *job_ids])
+
+    async def requeue(self, job_id: str, *, delay_s: float) -> None:
+        """Make a held job due again in `delay_s`, if it is still queued."""
+        await self._due(keys=[self.queue_name], args=[max(int(delay_s * 1000), 0), "", job_id])
 
     async def transition(
         self,
@@ -279,14 +352,19 @@ class JobStore:
         status: Status,
         set_fields: dict[str, Any] | None = None,
         clear_fields: Iterable[str] = (),
+        due_in_s: float | None = None,
+        verify_at: datetime | None = None,
     ) -> Transition:
         """Move a job to `status` if it is currently in one of `allowed`.
 
-        A terminal status gets the result TTL, wakes long-pollers and wakes the
-        next change to the same run if it is parked behind this one.
+        A terminal status leaves the queue, gets the result TTL, wakes long-pollers
+        and wakes the next change to the same run if it is parked behind this one.
+        `due_in_s` requeues a job that goes on waiting (in the same step, so a wake-up
+        from its blocker cannot come between); `verify_at` queues an applied job for
+        a duplicate check.
         """
         terminal = status.is_terminal
-        encoded = fields_to_hash({**(set_fields or {}), "status": status.value})
+        encoded = fields_to_hash({"status": status.value, **(set_fields or {})})
         clear = list(clear_fields)
         reply = await self._transition(
             keys=[job_key(job_id), self.queue_name, FAILURES_KEY, INFLIGHT_KEY, VERIFY_KEY],
@@ -298,6 +376,8 @@ class JobStore:
                 TERMINAL_CHANNEL if terminal else STATUS_CHANNEL,
                 job_id,
                 self.recent_jobs,
+                -1 if due_in_s is None else max(int(due_in_s * 1000), 0),
+                int(verify_at.timestamp() * 1000) if verify_at else 0,
                 len(clear),
                 *clear,
                 *_flatten(encoded),
@@ -309,26 +389,18 @@ class JobStore:
     async def sweep(self, *, claimed_before: datetime, limit: int = 500) -> list[str]:
         """Requeue jobs last seen before `claimed_before` that are pending but in no queue.
 
-        arq's own job timeout can leave one (it drops the job, not our record), and so
-        can a Redis failover that rolled back arq's entries but not the record (or made
-        arq start a job twice and drop it). All are rare; this makes them harmless.
+        A Redis failover can roll back a queue entry but not its record (or the
+        reverse), and a bug could drop one; both are rare, and this makes them harmless.
         """
         candidates = await self.redis.zrangebyscore(
             INFLIGHT_KEY, "-inf", int(claimed_before.timestamp() * 1000), start=0, num=limit
         )
         if not candidates:
             return []
-        now_ms = int(utcnow().timestamp() * 1000)
-        args: list[str | int] = [
-            JOB_KEY_PREFIX,
-            job_key_prefix,
-            in_progress_key_prefix,
-            self.pending_ttl_ms,
-        ]
-        for raw in candidates:
-            job_id = _text(raw)
-            args += [job_id, _payload(job_id, now_ms).decode()]
-        requeued = await self._sweep(keys=[self.queue_name, INFLIGHT_KEY], args=args)
+        requeued = await self._sweep(
+            keys=[self.queue_name, INFLIGHT_KEY],
+            args=[JOB_KEY_PREFIX, *(_text(raw) for raw in candidates)],
+        )
         return [_text(job_id) for job_id in requeued]
 
     async def due_verifications(self, *, limit: int = 100) -> list[str]:
@@ -397,7 +469,7 @@ class JobStore:
 class Progress:
     ahead_in_run: int  # unfinished earlier changes to the same run
     capped: bool  # there may be more than `ahead_in_run`
-    queue_rank: int  # jobs ahead in the arq queue; -1 when not queued
+    queue_rank: int  # jobs ahead in the queue; -1 when not queued
 
 
 class RateLimiter:
@@ -414,20 +486,27 @@ class RateLimiter:
         return int(wait_ms) / 1000
 
 
-def _payload(job_id: str, enqueue_ms: int) -> bytes:
-    """arq's queue entry for a job: only its id, as JSON."""
-    return serialize_job(
-        APPLY_STATE_CHANGE, (job_id,), {}, None, enqueue_ms, serializer=json_serializer
-    )
+def _taken(reply: list[Any], now: datetime) -> list[Taken]:
+    """TAKE's reply as records; a claimed one says what the script wrote."""
+    taken: list[Taken] = []
+    for kind, flat in zip(reply[::2], reply[1::2], strict=True):
+        fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        claimed = _text(kind) == "claimed"
+        if claimed:
+            fields["status"] = Status.RUNNING.value
+            fields["attempt_started_at"] = now.isoformat()
+            fields.setdefault("started_at", now.isoformat())
+            fields.pop("blocked_on", None)
+            fields.pop("next_attempt_at", None)
+        taken.append(Taken(JobRecord.from_hash(fields), claimed))
+    return taken
 
 
 def _item(record: JobRecord) -> dict[str, Any]:
-    payload = _payload(record.job_id, int(record.enqueued_at.timestamp() * 1000))
     fields = record.to_hash()
     fields.pop("seq", None)
     return {
         "id": record.job_id,
-        "payload": payload.decode(),
         "run": record.run_key,
         # Keys are per client: two clients may use the same key for different changes.
         "idem": f"{record.client_id}:{record.idempotency_key}" if record.idempotency_key else "",

@@ -1,4 +1,5 @@
-"""The fleet's sweeper: requeue jobs arq dropped, and look for changes written twice."""
+"""The fleet's sweeper: requeue jobs that lost their queue entry, and look for changes
+written twice."""
 
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ async def sweep(ctx: dict[str, Any]) -> None:
     store: JobStore = ctx["store"]
     redis: ArqRedis = ctx["redis"]
     interval_ms = int(settings.sweep_interval_s * 1000)
-    # A job claimed this long ago and in no queue cannot be held by a live arq run.
-    orphan_after = timedelta(seconds=settings.arq_job_timeout_s + settings.worker_lease_s)
+    # A pending job is always in the queue (a held one too, due when its lease lapses);
+    # one missing for this long lost its entry (a failover, say): nobody holds it.
+    orphan_after = timedelta(seconds=settings.job_timeout_s + settings.worker_lease_s)
     while True:
         await asyncio.sleep(settings.sweep_interval_s)
         try:
             if not await redis.set(SWEEPER_LOCK_KEY, worker_id(), nx=True, px=interval_ms):
                 continue
             for job_id in await store.sweep(claimed_before=utcnow() - orphan_after):
-                log.warning("job %s: requeued; arq had dropped it while pending", job_id)
+                log.warning("job %s: requeued; its queue entry was lost while pending", job_id)
             await _verify_due(store, ctx["applier"])
         except RedisError:
             log.warning("sweep skipped: Redis unavailable")
