@@ -8,6 +8,7 @@ first (workers stopped), then the workers start and drain them. Per drain:
 - applied/s, from the first applied change to the last;
 - CPU per applied change of the workers and the stand-in (from /proc) and of
   Redis (INFO cpu, which is Redis's own count);
+(each over the same window: from when every worker is up to the last change)
 - Redis commands per applied change (INFO commandstats, reset before each
   drain; commands that scripts run count one each, as Redis counts them);
 - Redis's load: commands/s and the share of one core it used, from which the
@@ -80,13 +81,13 @@ async def drain(
     redis = Redis.from_url(stack.redis.url())
     await redis.delete(STATS_TOTAL_KEY)
     await submit(url, changes)
-    await redis.config_resetstat()
-    _, redis_cpu_before = await redis_figures(redis)
     standin_pid = standin.proc.pid  # type: ignore[union-attr]
-    standin_before = cpu_seconds(standin_pid)
     children = stack.workers([f"b6-{workers}w-{i}" for i in range(workers)])
     pids = [w.proc.pid for w in children]  # type: ignore[union-attr]
     # Their start (imports, first heartbeat) is not the drain: count from when all are up.
+    await redis.config_resetstat()
+    _, redis_cpu_before = await redis_figures(redis)
+    standin_before = cpu_seconds(standin_pid)
     worker_before = sum(map(cpu_seconds, pids))
     first = (time.perf_counter(), (await totals(redis)).get("applied", 0))
     polls = 1
@@ -114,23 +115,23 @@ async def drain(
     counted = applied - first[1]
     assert counted > len(changes) / 2, "the workers drained most of the queue while starting"
     rate = counted / seconds
-    busy = redis_cpu / seconds  # share of one core; the workers' start is in it, a little
+    busy = redis_cpu / seconds  # share of one core
     return {
         "workers": workers,
         "changes": len(changes),
         "not_applied": len(changes) - applied,
         "seconds": round(seconds, 2),
         "applied_per_s": round(rate, 1),
-        "cpu_ms_worker": round(worker_cpu * 1000 / applied, 3),
-        "cpu_ms_redis": round(redis_cpu * 1000 / applied, 3),
-        "cpu_ms_queue": round((worker_cpu + redis_cpu) * 1000 / applied, 3),
-        "cpu_ms_standin": round(standin_cpu * 1000 / applied, 3),
-        "redis_commands_per_change": round(commands / applied, 1),
+        "cpu_ms_worker": round(worker_cpu * 1000 / counted, 3),
+        "cpu_ms_redis": round(redis_cpu * 1000 / counted, 3),
+        "cpu_ms_queue": round((worker_cpu + redis_cpu) * 1000 / counted, 3),
+        "cpu_ms_standin": round(standin_cpu * 1000 / counted, 3),
+        "redis_commands_per_change": round(commands / counted, 1),
         "redis_commands_per_s": round(commands / seconds),
         "redis_core_share": round(busy, 2),
         "redis_ceiling_per_s": round(rate / busy) if busy > 0 else None,
         "redis_commands_by_name": {
-            name: round(calls / applied, 2)
+            name: round(calls / counted, 2)
             for name, calls in sorted(by_name.items(), key=lambda item: -item[1])
         },
     }

@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from worker import heartbeat, sweeper
-from worker.applier import PrefectApplier, without_connect_retries
+from worker.applier import PrefectApplier
 from worker.concurrency import AdaptiveLimit, LimitSettings
 from worker.contract import (
     APPLY_STATE_CHANGE,
@@ -33,6 +33,7 @@ from worker.contract import (
 from worker.dispatch import Dispatcher, QueueWorker, Slot
 from worker.durability import NotDurable
 from worker.job import apply_state_change, give_back
+from worker.prefect_http import PrefectHttp
 from worker.redis_conn import arq_pool
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter, Taken
@@ -50,7 +51,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     # One Prefect client per process, reused by every job. Its retries are bypassed
     # (see PrefectApplier._send): the queue retries, visibly.
     client = get_client(httpx_settings={"timeout": httpx.Timeout(settings.prefect_timeout_s)})
-    ctx["prefect"] = without_connect_retries(await client.__aenter__())
+    ctx["prefect"] = await client.__aenter__()
+    # Every call in flight has its connection, and a few spare for the history reads.
+    ctx["prefect_http"] = PrefectHttp(
+        ctx["prefect"], max_connections=settings.worker_concurrency + 4
+    )
     redis = ctx["redis"]  # arq's own pool: one Redis connection pool per process
     limiter = RateLimiter(redis, settings.prefect_max_rps) if settings.prefect_max_rps else None
     arq_worker: Worker = ctx["arq_worker"]
@@ -70,7 +75,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         on_change=more_slots,
     )
     ctx["applier"] = PrefectApplier(
-        ctx["prefect"], limiter, ctx["concurrency"], call_timeout_s=settings.prefect_timeout_s
+        ctx["prefect_http"], limiter, ctx["concurrency"], call_timeout_s=settings.prefect_timeout_s
     )
     ctx["store"] = JobStore.from_settings(redis, settings)
 
@@ -105,6 +110,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if "heartbeat" in ctx:
         with contextlib.suppress(RedisError):
             await ctx["redis"].delete(WORKER_KEY_PREFIX + heartbeat.worker_id())
+    if "prefect_http" in ctx:
+        await ctx["prefect_http"].aclose()
     if "prefect" in ctx:
         await ctx["prefect"].__aexit__(None, None, None)
 

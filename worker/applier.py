@@ -16,7 +16,6 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import StateCreate
 from prefect.client.schemas.objects import StateDetails
 
@@ -32,6 +31,7 @@ from worker.contract import (
 )
 from worker.metrics import PREFECT_CALL_SECONDS
 from worker.policy import parse_retry_after
+from worker.prefect_http import PrefectHttp
 from worker.store import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -156,17 +156,17 @@ def _detail(response: httpx.Response) -> str:
 
 
 class PrefectApplier:
-    """Applies one job's change through a shared, long-lived Prefect client."""
+    """Applies one job's change through a shared, long-lived Prefect connection pool."""
 
     def __init__(
         self,
-        client: PrefectClient,
+        http: PrefectHttp,
         limiter: RateLimiter | None = None,
         concurrency: AdaptiveLimit | None = None,
         *,
         call_timeout_s: float = 10.0,
     ) -> None:
-        self.client = client
+        self.http = http
         self.limiter = limiter
         self.concurrency = concurrency
         self.call_timeout_s = call_timeout_s
@@ -193,15 +193,14 @@ class PrefectApplier:
         """One HTTP call with Prefect's configuration (URL, auth, TLS) but none of its retries.
 
         Prefect's client sleeps through 429/502/503 (Retry-After or 2, 4, 8 s) before
-        returning, even with PREFECT_CLIENT_MAX_RETRIES=0: that would hold a worker
-        slot and hide the state from callers. The queue retries instead, so this calls
-        httpx's own `send` on the client Prefect configured, whose connection pool
-        `without_connect_retries` has stopped retrying connects (3 tries of a 10 s
-        connect timeout outlived arq's job timeout).
+        returning, even with PREFECT_CLIENT_MAX_RETRIES=0, and its connection pool
+        retries connects (3 tries of a 10 s connect timeout outlived the job timeout):
+        that would hold a worker slot and hide the state from callers. The queue
+        retries instead, visibly, so Prefect's client only builds the request
+        (see `worker.prefect_http`).
         """
         await self._throttle()
-        http = self.client._client
-        request = http.build_request(method, path, **kwargs)
+        request = self.http.build_request(method, path, **kwargs)
         call = "set_state" if method == "POST" else "read_history"
         started = time.monotonic()
         try:
@@ -230,7 +229,7 @@ class PrefectApplier:
         limit_s = min(timeout_s or self.call_timeout_s, self.call_timeout_s) + 1.0
         try:
             async with asyncio.timeout(limit_s):
-                return await httpx.AsyncClient.send(self.client._client, request)
+                return await self.http.send(request)
         except TimeoutError:
             message = f"no answer from Prefect in {limit_s:g} s"
             raise CallTimedOut(message, request=request) from None
@@ -256,10 +255,9 @@ class PrefectApplier:
 
     async def probe(self, *, timeout_s: float | None = None) -> bool:
         """Is Prefect answering? For the heartbeat, when no job has asked lately."""
-        http = self.client._client
         try:
             response = await self._bounded_send(
-                http.build_request("GET", "/health"), timeout_s=timeout_s
+                self.http.build_request("GET", "/health"), timeout_s=timeout_s
             )
         except httpx.HTTPError:
             self._unanswered()
@@ -331,19 +329,3 @@ class PrefectApplier:
         except (httpx.HTTPError, OSError) as exc:
             outcome = classify_error(exc)
         return replace(outcome, history_checked=checked, resent=checked)
-
-
-def without_connect_retries(client: PrefectClient) -> PrefectClient:
-    """Stop the retries Prefect adds to its client's connection pool.
-
-    Prefect sets `_retries = 3` on the pool after building the client: a
-    connect that times out is tried four times in one call. The queue retries
-    instead, visibly and with backoff. The attribute is private to httpcore, so
-    a change there fails loudly here rather than silently bringing them back.
-    """
-    http = client._client
-    pool = getattr(http._transport_for_url(http.base_url), "_pool", None)
-    if pool is None or not hasattr(pool, "_retries"):
-        raise RuntimeError("Prefect's client has no connection pool with retries to disable")
-    pool._retries = 0
-    return client

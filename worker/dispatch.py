@@ -100,10 +100,16 @@ class Dispatcher:
         async with self._lock:
             while self.may_take():
                 self._again = False
+                limit = int(self.concurrency.limit)
                 room = min(
-                    int(self.concurrency.limit) - self.concurrency.in_flight,
+                    limit - self.concurrency.in_flight,
                     self.settings.worker_concurrency - len(self.tasks),
                 )
+                # With many calls in flight, wait for a quarter of them to come back and
+                # take those jobs in one step: a take's own commands (the queue read, the
+                # lease, the counters) are then shared. With few, never wait.
+                if room < max(1, limit // 4) and self.concurrency.in_flight > 0:
+                    return
                 reserved = self.concurrency.reserve(room)
                 if reserved <= 0:
                     return

@@ -49,13 +49,14 @@ end
 
 -- Move the first non-cancelled successor (`nxt` and on) to the front of the queue
 -- if it is parked: `blocked_on` set, `queued` (blocked from its enqueue) or `waiting`.
-local function wake_successor(P, Q, nxt, now)
+-- Score 0: due at once, and ahead of newer work (it waited longest).
+local function wake_successor(P, Q, nxt)
   while nxt do
     local s = redis.call("HMGET", P .. nxt, "status", "blocked_on", "next_job_id")
     if not s[1] then return end
     if s[1] ~= "cancelled" then
       if (s[1] == "waiting" or s[1] == "queued") and s[2] then
-        redis.call("ZADD", Q, "XX", now, nxt)
+        redis.call("ZADD", Q, "XX", 0, nxt)
       end
       return
     end
@@ -281,9 +282,13 @@ for _, id in ipairs(ids) do
   else
     local prev = blocker_from(P, r.prev_job_id, now, grace)
     if prev then
+      -- Its blocker's end wakes it; the recheck is only a net (for a blocker that
+      -- expired, say), and it doubles with each park up to 16x: in a deep queue a
+      -- change may wait minutes behind its run's earlier ones.
+      local parks = tonumber(r.parks or 0) + 1
       redis.call("HSET", P .. id, "status", "waiting", "blocked_on", prev,
-        "next_attempt_at", recheck_iso)
-      due[#due + 1] = now + recheck
+        "next_attempt_at", recheck_iso, "parks", parks)
+      due[#due + 1] = now + recheck * math.min(2 ^ (parks - 1), 16)
       due[#due + 1] = id
       if status ~= "waiting" then shift(status, "waiting") end
       redis.call("PUBLISH", channel, id)
@@ -342,7 +347,10 @@ TRANSITION = (
     _HELPERS
     + """
 local rec, Q, P, C, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[6]
-local r = redis.call("HMGET", rec, "status", "next_job_id", "client_id", "quota_pending")
+local ndel = tonumber(ARGV[10])
+-- One read for all this needs, the fields to delete included: most are absent.
+local r = redis.call("HMGET", rec, "status", "next_job_id", "client_id", "quota_pending",
+  unpack(ARGV, 11, 10 + ndel))
 local current = r[1]
 if not current then return {0, ""} end
 local allowed = false
@@ -351,8 +359,11 @@ for s in string.gmatch(ARGV[3], "%S+") do
 end
 if not allowed then return {0, current} end
 local ttl, due_in, verify_at = tonumber(ARGV[4]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local ndel = tonumber(ARGV[10])
-if ndel > 0 then redis.call("HDEL", rec, unpack(ARGV, 11, 10 + ndel)) end
+local present = {}
+for i = 1, ndel do
+  if r[4 + i] then present[#present + 1] = ARGV[10 + i] end
+end
+if #present > 0 then redis.call("HDEL", rec, unpack(present)) end
 local first = 11 + ndel
 redis.call("HSET", rec, unpack(ARGV, first, #ARGV))
 local status = ARGV[first + 1]
@@ -361,20 +372,19 @@ if verify_at > 0 then
   redis.call("PEXPIRE", KEYS[5], ttl)
 end
 moved(current, status)
-local now = now_ms()
 if is_terminal(status) then
   redis.call("ZREM", Q, id)
   redis.call("ZREM", KEYS[4], id)
-  if r[2] then wake_successor(P, Q, r[2], now) end
+  if r[2] then wake_successor(P, Q, r[2]) end
   if r[4] then redis.call("ZREM", C .. r[3] .. ":pending", id) end
   local keep = tonumber(ARGV[7])
   if keep > 0 and (status == "rejected" or status == "failed") then
-    redis.call("ZADD", KEYS[3], now, id)
+    redis.call("ZADD", KEYS[3], now_ms(), id)
     redis.call("ZREMRANGEBYRANK", KEYS[3], 0, -keep - 1)
     redis.call("PEXPIRE", KEYS[3], ttl)
   end
 elseif due_in >= 0 then
-  redis.call("ZADD", Q, now + due_in, id)
+  redis.call("ZADD", Q, now_ms() + due_in, id)
 end
 if ttl > 0 then redis.call("PEXPIRE", rec, ttl) end
 redis.call("PUBLISH", ARGV[5], id)
