@@ -106,7 +106,6 @@ class PrefectHttp:
     settings); aiohttp sends it."""
 
     def __init__(self, client: PrefectClient, *, max_connections: int) -> None:
-        self._client = client
         http = client._client
         # The TLS context Prefect made from PREFECT_API_TLS_INSECURE_SKIP_VERIFY and
         # PREFECT_API_SSL_CERT_FILE; httpcore keeps it on the pool (a private attribute,
