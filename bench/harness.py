@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -170,7 +171,21 @@ class BenchStack:
         if self.with_prefect:
             for service in self.support:
                 service.start_and_wait()  # type: ignore[attr-defined]
+            if "--workers" in self.prefect.argv:
+                self._migrate_once()
             self.prefect.start_and_wait()
+
+    def _migrate_once(self) -> None:
+        """Create Prefect's tables before its API processes start: each one migrates an
+        empty database at startup, and two at once collide (duplicate `block_type`)."""
+        subprocess.run(
+            [self.prefect.argv[0], "server", "database", "upgrade", "-y"],
+            env=self.prefect.env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        self.prefect.env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
 
     def stop(self) -> None:
         for child in reversed(self.children):
