@@ -1,6 +1,5 @@
 """Adaptive Prefect concurrency: the AIMD rule itself, then a worker against a queueing server."""
 
-import contextlib
 import statistics
 
 import pytest
@@ -18,33 +17,65 @@ FAST, SLOW = 0.01, 0.5
 
 
 def limit(**overrides: float | bool) -> AdaptiveLimit:
-    settings = {"maximum": 8, "initial": 2, "increase_every_s": 0.0, **overrides}
+    settings = {"maximum": 8, "initial": 2, "increase_every_s": 0.0, "round_s": 0.0, **overrides}
     return AdaptiveLimit(LimitSettings(**settings))  # type: ignore[arg-type]
 
 
-async def test_grows_one_slot_per_interval_only_while_every_slot_is_busy() -> None:
-    aimd = limit()
-    await aimd.observe(FAST, overloaded=False)  # idle: nothing held back
+async def rounds(aimd: AdaptiveLimit, *latencies: float) -> None:
+    for latency in latencies:
+        await aimd.observe(latency, overloaded=False)
+
+
+async def test_slow_start_doubles_then_grows_one_slot_per_round_while_every_slot_is_busy() -> None:
+    aimd = limit(initial=1, latency_floor_s=0.0)
+    await rounds(aimd, FAST)  # a whole round, idle: nothing held back
+    assert aimd.limit == 1
+    async with aimd.slot(1):
+        await rounds(aimd, FAST)
     assert aimd.limit == 2
-    async with contextlib.AsyncExitStack() as held:
-        for _ in range(2):
-            await held.enter_async_context(aimd.slot(timeout_s=1))
-        await aimd.observe(FAST, overloaded=False)
-        assert aimd.limit == 3
-    slow_growth = limit(increase_every_s=3600.0)
-    async with slow_growth.slot(1), slow_growth.slot(1):
-        await slow_growth.observe(FAST, overloaded=False)
-    assert slow_growth.limit == 2  # not a whole interval since the start
+    async with aimd.slot(1), aimd.slot(1):
+        await rounds(aimd, FAST)
+        assert aimd.limit == 2  # half a round
+        await rounds(aimd, FAST)
+    assert aimd.limit == 4
+    await rounds(aimd, SLOW, SLOW, SLOW, SLOW)  # queueing: slow start is over
+    assert aimd.limit == pytest.approx(4 * 0.7)
+    async with aimd.slot(1), aimd.slot(1):
+        await rounds(aimd, FAST, FAST)
+    assert aimd.limit == pytest.approx(4 * 0.7 + 1)
 
 
-async def test_a_slow_burst_cuts_once_and_overload_cuts_even_when_fast() -> None:
-    aimd = limit(initial=8)
-    await aimd.observe(FAST, overloaded=False)
-    await aimd.observe(SLOW, overloaded=False)
-    await aimd.observe(SLOW, overloaded=False)  # same round trip: counted once
-    assert aimd.limit == pytest.approx(8 * 0.7)
+async def test_after_slow_start_one_slot_per_interval() -> None:
+    aimd = limit(initial=2, increase_every_s=3600.0)
+    await aimd.observe(FAST, overloaded=True)  # ends slow start: 2 * 0.7
+    async with aimd.slot(1):
+        await rounds(aimd, FAST)
+    assert aimd.limit == pytest.approx(1.4)  # not a whole interval since the cut
+
+
+async def test_one_slow_call_is_noise_a_slow_round_cuts_once() -> None:
+    aimd = limit(initial=4, latency_floor_s=0.0)
+    await rounds(aimd, FAST, FAST, FAST, FAST)  # the no-load latency
+    await rounds(aimd, FAST, SLOW, FAST, FAST)  # a pause, not a queue
+    assert aimd.limit == 4
+    await rounds(aimd, SLOW, SLOW, FAST, SLOW)
+    assert aimd.limit == pytest.approx(4 * 0.7)
+    await rounds(aimd, SLOW)  # the cut started a new round of int(2.8) = 2 calls
+    assert aimd.limit == pytest.approx(4 * 0.7)
+
+
+async def test_slow_rounds_under_the_floor_never_cut() -> None:
+    aimd = limit(initial=4, latency_floor_s=SLOW)
+    await rounds(aimd, FAST, FAST, FAST, FAST)
+    await rounds(aimd, SLOW, SLOW, SLOW, SLOW)
+    assert aimd.limit == 4
+
+
+async def test_overload_cuts_at_once_even_when_fast_once_per_round_trip() -> None:
     overloaded = limit(initial=8)
     await overloaded.observe(FAST, overloaded=True)
+    assert overloaded.limit == pytest.approx(8 * 0.7)
+    await overloaded.observe(SLOW, overloaded=True)  # in flight with the first
     assert overloaded.limit == pytest.approx(8 * 0.7)
 
 
@@ -53,10 +84,10 @@ async def test_bounds_fixed_mode_and_slot_timeout() -> None:
     await aimd.observe(SLOW, overloaded=True)
     assert aimd.limit == 1  # never below the minimum
     async with aimd.slot(1):
-        await aimd.observe(FAST, overloaded=False)
+        await rounds(aimd, FAST)
     assert aimd.limit == 2
     async with aimd.slot(1), aimd.slot(1):
-        await aimd.observe(FAST, overloaded=False)
+        await rounds(aimd, FAST, FAST)
     assert aimd.limit == 2  # never above the maximum
     fixed = limit(adaptive=False, maximum=3)
     await fixed.observe(SLOW, overloaded=True)

@@ -3,11 +3,24 @@
 More calls in flight than Prefect can serve only queue inside Prefect: the
 throughput stays flat and every call waits longer (a 2-core SQLite server
 applies ~110 set_state/s whether 1 or 16 calls are in flight, but at 16 its
-p99 is 2 s; see bench/b2_throughput.py). So the limit grows by one slot a
-second while calls come back fast, and is cut by `decrease_ratio` when one
-comes back slow (more than `latency_tolerance` times the fastest recent call,
-and above `latency_floor_s`), overloaded (429, 5xx) or not at all (timeout).
-Cuts are at most one per round trip, so one slow burst counts once.
+p99 is 2 s; see bench/b2_throughput.py). A Prefect of several API processes,
+on PostgreSQL, serves more calls at once, and applies more of them per second
+with 4 to 8 in flight than with 1 or 2.
+
+So the limit is judged per round (at least `limit` calls and `round_s`). It
+starts at one call, so that the first rounds measure Prefect's no-load latency,
+and doubles per round (slow start) until the first slow round; then it grows
+by one slot per `increase_every_s` while the rounds come back fast and every
+slot is busy. It is cut by `decrease_ratio` when a round is slow: its median
+latency is more than `latency_tolerance` times the no-load latency and above
+`latency_floor_s`. The no-load latency is the fastest round median seen, let
+rise by `no_load_drift` per round: a Prefect that became slower for good (a
+bigger database) is followed, and the limit's own sawtooth never is (judged
+against its own lowest point, the limit would creep up a third per cut).
+A median, not single calls: one slow call (a pause for garbage collection, a
+checkpoint) says nothing about queueing, and cutting on it kept the limit at
+1-3 where Prefect served 4 at once. A call overloaded (429, 5xx) or unanswered
+(timeout) cuts at once, at most once per round trip.
 
 Each worker process adapts on its own. They see the same signal (Prefect's
 latency) and, like TCP flows sharing a link, converge to a fair share of
@@ -18,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -37,13 +50,14 @@ class SlotTimeout(Exception):
 class LimitSettings:
     maximum: int
     adaptive: bool = True
-    initial: int = 4
+    initial: int = 1
     minimum: int = 1
     latency_tolerance: float = 2.0
-    latency_floor_s: float = 0.05
+    latency_floor_s: float = 0.025
     decrease_ratio: float = 0.7
-    increase_every_s: float = 1.0
-    window: int = 200  # recent calls over which the fastest one is the baseline
+    increase_every_s: float = 0.5
+    round_s: float = 0.2
+    no_load_drift: float = 0.002  # per round: doubles in ~350 rounds (a minute or more)
 
 
 class AdaptiveLimit:
@@ -62,7 +76,11 @@ class AdaptiveLimit:
         initial = settings.initial if settings.adaptive else settings.maximum
         self.limit = float(min(max(initial, settings.minimum), settings.maximum))
         self.in_flight = 0
-        self._recent: deque[float] = deque(maxlen=settings.window)
+        self.no_load_s: float | None = None
+        self._slow_start = True
+        self._round: list[float] = []  # latencies of this round's calls
+        self._round_started = time.monotonic()
+        self._busy = False  # every slot was in use at some call of this round
         self._last_cut = 0.0
         self._last_raise = time.monotonic()
         self._changed = asyncio.Condition()
@@ -121,19 +139,39 @@ class AdaptiveLimit:
 
     def _adapt(self, latency_s: float, overloaded: bool) -> None:
         s = self.settings
-        if not overloaded:
-            self._recent.append(latency_s)
-        baseline = min(self._recent, default=latency_s)
-        slow = latency_s > max(s.latency_floor_s, s.latency_tolerance * baseline)
         now = time.monotonic()
-        if overloaded or slow:
+        if overloaded:
             # One cut per round trip: calls that were in flight together saw the same queue.
             if now - self._last_cut > latency_s:
-                self.limit = max(float(s.minimum), self.limit * s.decrease_ratio)
-                self._last_cut = self._last_raise = now
-        elif self.in_flight >= int(self.limit) and now - self._last_raise >= s.increase_every_s:
-            # One more slot per interval, and only while the limit is what holds calls
-            # back. Per interval, not per call: a fast server answers hundreds of calls
-            # between two slow ones, and growing per call would outrun every cut.
+                self._cut(now)
+            return
+        self._round.append(latency_s)
+        # The call being observed still holds its slot.
+        self._busy = self._busy or self.in_flight >= int(self.limit)
+        if len(self._round) < int(self.limit) or now - self._round_started < s.round_s:
+            return
+        median = statistics.median(self._round)
+        if self.no_load_s is None:
+            self.no_load_s = median
+        self.no_load_s = min(median, self.no_load_s * (1 + s.no_load_drift))
+        if median > max(s.latency_floor_s, s.latency_tolerance * self.no_load_s):
+            self._cut(now)
+        elif self._busy and self._slow_start:
+            self.limit = min(float(s.maximum), self.limit * 2)
+            self._last_raise = now
+        elif self._busy and now - self._last_raise >= s.increase_every_s:
+            # Per interval, not per round: a fast server finishes many rounds a second.
             self.limit = min(float(s.maximum), self.limit + 1.0)
             self._last_raise = now
+        self._round = []
+        self._round_started = now
+        self._busy = False
+
+    def _cut(self, now: float) -> None:
+        self._slow_start = False
+        self.limit = max(float(self.settings.minimum), self.limit * self.settings.decrease_ratio)
+        self._last_cut = self._last_raise = now
+        # The round under way saw the old limit's queue.
+        self._round = []
+        self._round_started = now
+        self._busy = False

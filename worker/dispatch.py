@@ -13,7 +13,11 @@ with the number of workers. Instead (see `worker.lua`):
 
 A job's call slot is reserved before it is taken and freed as soon as Prefect
 answers, before its outcome is written: the next call goes out at once, and
-Prefect never waits on this worker's bookkeeping.
+Prefect never waits on this worker's bookkeeping. The outcome is written in the
+same round trip as the take that refills its slot (`Dispatcher.transition`).
+At Prefect's pace, a round trip costs a worker more CPU than the rest of a job
+(each one wakes the process from idle: bench/b6_queue_ceiling.py --service-ms),
+so one per change instead of two is most of what a worker can save.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq.worker import Worker
+from redis.exceptions import RedisError
 
 from worker.concurrency import AdaptiveLimit
 from worker.durability import NotDurable
 from worker.settings import Settings
-from worker.store import JobStore, Taken, TakeNotConfirmed
+from worker.store import JobStore, Taken, TakeNotConfirmed, Transition, Write
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,24 @@ class Dispatcher:
         self._again = False  # a slot freed while a take was in flight
         self._filler: asyncio.Task[None] | None = None
         self._renewed_at = time.monotonic()
+        # Status changes waiting for the next take, in the order they were made.
+        self._writes: list[tuple[Write, asyncio.Future[Transition]]] = []
+
+    async def transition(self, job_id: str, **change: Any) -> Transition:
+        """`JobStore.transition`, written with the next take.
+
+        Only for a job whose call slot is free already: the take waits for slots, so
+        a job holding one while it waits here could wait for itself. The write is
+        queued before this first yields, so a slot released just before it (and the
+        take that follows) carries it.
+        """
+        future: asyncio.Future[Transition] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # its job may have been cut off meanwhile
+        self._writes.append((self.store.transition_write(job_id, **change), future))
+        self.wake()
+        # Shielded: a job cut off by its timeout while waiting here still has its
+        # outcome written (in order, before whatever it writes next).
+        return await asyncio.shield(future)
 
     def wake(self) -> None:
         """A slot freed or the limit grew: take more now, not at the next poll."""
@@ -96,42 +119,71 @@ class Dispatcher:
             log.debug("take between polls failed (the next poll tries again): %r", exc)
 
     async def fill(self) -> None:
-        """Take jobs until the free slots are used or nothing more is due."""
+        """Write the status changes waiting, and take jobs until the free slots are used
+        or nothing more is due: one round trip per step."""
         async with self._lock:
-            while self.may_take():
+            while True:
                 self._again = False
-                limit = int(self.concurrency.limit)
-                room = min(
-                    limit - self.concurrency.in_flight,
-                    self.settings.worker_concurrency - len(self.tasks),
-                )
-                # With many calls in flight, wait for a quarter of them to come back and
-                # take those jobs in one step: a take's own commands (the queue read, the
-                # lease, the counters) are then shared. With few, never wait.
-                if room < max(1, limit // 4) and self.concurrency.in_flight > 0:
+                reserved = self._reserve()
+                if reserved is None:
+                    return  # the writes waiting go with the take when those calls are back
+                writes, self._writes = self._writes, []
+                if not reserved and not writes:
                     return
-                reserved = self.concurrency.reserve(room)
-                if reserved <= 0:
-                    return
-                try:
-                    taken = await self.store.take(reserved, lease_s=self.settings.worker_lease_s)
-                except TakeNotConfirmed as exc:
-                    await self.concurrency.release(reserved)
-                    await self.give_back(exc.taken, exc.cause)
+                taken = await self._take(reserved, writes)
+                if taken is None:
                     return  # the next poll tries again
-                except NotDurable as exc:  # refused before anything was written
-                    await self.concurrency.release(reserved)
-                    log.error("cannot take jobs: %s", exc)
+                if not self._again and (not reserved or len(taken) < reserved):
                     return
-                except BaseException:
-                    await self.concurrency.release(reserved)
-                    raise
-                claimed = sum(1 for job in taken if job.claimed)
-                await self.concurrency.release(reserved - claimed)
-                for job in taken:
-                    self._start(job)
-                if len(taken) < reserved and not self._again:
-                    return
+
+    def _reserve(self) -> int | None:
+        """Reserve the call slots to take jobs into now (0: none; None: wait)."""
+        if not self.may_take():
+            return 0
+        limit = int(self.concurrency.limit)
+        # Jobs whose outcome waits for this take are done but for it: not counted.
+        running = len(self.tasks) - len(self._writes)
+        room = min(limit - self.concurrency.in_flight, self.settings.worker_concurrency - running)
+        # With many calls in flight, wait for a quarter of them to come back and take
+        # those jobs in one step: a take's own commands (the queue read, the lease, the
+        # counters) are then shared, and so is the round trip of their outcomes. With
+        # few, never wait. Calls in flight always come back (their slots are released
+        # before their outcomes wait here), so the writes waiting are sent then.
+        if room < max(1, limit // 4) and self.concurrency.in_flight > 0:
+            return None
+        return max(0, self.concurrency.reserve(room))
+
+    async def _take(
+        self, reserved: int, writes: list[tuple[Write, asyncio.Future[Transition]]]
+    ) -> list[Taken] | None:
+        """One take with the writes waiting; None when it took nothing and should stop."""
+        try:
+            took = await self.store.take(
+                reserved, lease_s=self.settings.worker_lease_s, writes=[w for w, _ in writes]
+            )
+        except TakeNotConfirmed as exc:
+            await self.concurrency.release(reserved)
+            _resolve(writes, exc.written)
+            await self.give_back(exc.taken, exc.cause)
+            return None
+        except NotDurable as exc:  # refused before anything was written
+            await self.concurrency.release(reserved)
+            _fail(writes, exc)
+            log.error("cannot take jobs: %s", exc)
+            return None
+        except BaseException as exc:
+            await self.concurrency.release(reserved)
+            _fail(writes, exc)
+            raise
+        _resolve(writes, took.written)
+        if took.failed is not None:
+            await self.concurrency.release(reserved)
+            raise took.failed
+        claimed = sum(1 for job in took.taken if job.claimed)
+        await self.concurrency.release(reserved - claimed)
+        for job in took.taken:
+            self._start(job)
+        return took.taken
 
     def _start(self, job: Taken) -> None:
         slot = Slot(self.concurrency, self.wake) if job.claimed else None
@@ -163,12 +215,37 @@ class Dispatcher:
                 await self._filler
 
 
+def _retrieved(future: asyncio.Future[Transition]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _resolve(
+    writes: list[tuple[Write, asyncio.Future[Transition]]], results: list[Transition | Exception]
+) -> None:
+    for (_, future), result in zip(writes, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _fail(writes: list[tuple[Write, asyncio.Future[Transition]]], exc: BaseException) -> None:
+    # Not sent, or sent without an answer: each job handles it as a Redis error (it
+    # is requeued and settled from Prefect's history).
+    error = exc if isinstance(exc, RedisError) else RedisError(f"write not confirmed: {exc!r}")
+    for _, future in writes:
+        if not future.done():
+            future.set_exception(error)
+
+
 class QueueWorker(Worker):
     """arq's Worker with the dispatcher in place of arq's own job taking."""
 
     async def _poll_iteration(self) -> None:
         dispatcher: Dispatcher = self.ctx["dispatcher"]
-        if self.allow_pick_jobs:
-            await dispatcher.fill()  # a Redis error ends the run: see worker.app.run_worker
+        await dispatcher.fill()  # a Redis error ends the run: see worker.app.run_worker
         await dispatcher.renew_leases()
         await self.heart_beat()

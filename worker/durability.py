@@ -78,6 +78,41 @@ class DurableWrites:
             await redis.script_load(script.script)
             return await self.execute(redis, *command)
 
+    async def run_all(
+        self,
+        redis: Redis,
+        calls: list[tuple[AsyncScript, list[Any], list[Any]]],
+        *,
+        confirm: bool = True,
+        _retry: bool = True,
+    ) -> list[Any]:
+        """Several scripts in one round trip, in order: each one's reply, or its error in
+        place. With `confirm`, returns once all of them are stored at this level."""
+        wait = await self._wait_command(redis) if confirm else None
+        async with redis.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if wait is not None:
+                pipe.execute_command(*wait)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        acks = replies.pop() if wait is not None else None
+        # A new or restarted master has no scripts: what failed so wrote nothing. Load
+        # them and send those again, in order (once per Redis start).
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing and _retry:
+            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
+                await redis.script_load(script.script)
+            again = [calls[i] for i in missing]
+            try:
+                redone = await self.run_all(redis, again, confirm=confirm, _retry=False)
+            except NotDurable as exc:
+                exc.reply = _merged(replies, missing, exc.reply)
+                raise
+            replies = _merged(replies, missing, redone)
+        if wait is not None and len(missing) < len(calls):  # the first wait covered some
+            self._confirmed(wait, acks, replies)
+        return replies
+
     async def execute(self, redis: Redis, *command: Any) -> Any:
         """One write command's reply, once it is stored at this level."""
         if self.level is Durability.MEMORY:
@@ -94,6 +129,11 @@ class DurableWrites:
             reply, acks = await pipe.execute(raise_on_error=False)
         if isinstance(reply, Exception):
             raise reply
+        self._confirmed(wait, acks, reply)
+        return reply
+
+    def _confirmed(self, wait: tuple[Any, ...], acks: Any, reply: Any) -> None:
+        """Raise NotDurable (carrying the write's `reply`) unless `acks` meet this level."""
         if isinstance(acks, Exception):
             # e.g. appendonly switched off since the probe; the write has happened.
             self._waitaof_until = 0.0
@@ -104,9 +144,11 @@ class DurableWrites:
         except NotDurable as exc:
             exc.reply = reply
             raise
-        return reply
 
     async def _wait_command(self, redis: Redis) -> tuple[Any, ...] | None:
+        """What follows a write to store it at this level; None: nothing needs to."""
+        if self.level is Durability.MEMORY:
+            return None
         timeout_ms = max(1, round(self.timeout_s * 1000))
         if self.level is Durability.REPLICAS:
             return ("WAIT", self.replicas, timeout_ms)
@@ -169,3 +211,10 @@ class DurableWrites:
                 f"Redis did not confirm it on disk within {self.timeout_s:g} s "
                 "(PMQ_DURABILITY_TIMEOUT_S)"
             )
+
+
+def _merged(replies: list[Any], positions: list[int], redone: list[Any]) -> list[Any]:
+    merged = list(replies)
+    for position, reply in zip(positions, redone, strict=True):
+        merged[position] = reply
+    return merged

@@ -33,7 +33,7 @@ from worker.durability import NotDurable
 from worker.metrics import JOB_LATENCY_SECONDS, JOBS_FINISHED
 from worker.policy import backoff_s
 from worker.settings import Settings
-from worker.store import JobStore, Taken
+from worker.store import JobStore, Taken, WriteTransition
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ async def apply_state_change(ctx: dict[str, Any], taken: Taken, slot: Slot | Non
                 log.exception("job %s: unexpected error", record.job_id)
                 error = JobError(code=ErrorCode.INTERNAL, message=repr(exc)[:500])
                 await _finish(
-                    store,
+                    store.transition,
                     record,
                     Outcome(Status.FAILED, error=error),
                     allowed=(*PENDING_STATUSES, Status.RUNNING),
@@ -106,7 +106,8 @@ async def _apply_claimed(ctx: dict[str, Any], record: JobRecord, slot: Slot) -> 
     """The common case: claimed by the take, its slot reserved; call Prefect now."""
     outcome = await ctx["applier"].apply(record, check_history=False)
     await slot.release()  # the next call goes out while this outcome is written
-    await _conclude(ctx, record, outcome, uncertain=False)
+    # With the take that refills the slot: one round trip for both.
+    await _conclude(ctx, record, outcome, uncertain=False, write=ctx["dispatcher"].transition)
 
 
 async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
@@ -115,7 +116,9 @@ async def _attempt(ctx: dict[str, Any], record: JobRecord) -> None:
     settings: Settings = ctx["settings"]
     now = utcnow()
     if now >= record.deadline:
-        await _exhausted(store, record, "job deadline passed before the change could be applied")
+        await _exhausted(
+            store.transition, record, "job deadline passed before the change could be applied"
+        )
         return
     # A worker died mid-attempt (the job came due again `running`), or the last try
     # ended without an answer: Prefect may have written the change, even after the
@@ -182,14 +185,19 @@ async def _claim_and_apply(ctx: dict[str, Any], record: JobRecord, uncertain: bo
         # end wakes it), or cancelled or finished meanwhile.
         return
     outcome = await ctx["applier"].apply(record, check_history=uncertain)
-    await _conclude(ctx, record, outcome, uncertain=uncertain)
+    # Written now: this job holds its call slot until then (see Dispatcher.transition).
+    await _conclude(ctx, record, outcome, uncertain=uncertain, write=store.transition)
 
 
 async def _conclude(
-    ctx: dict[str, Any], record: JobRecord, outcome: Outcome, *, uncertain: bool
+    ctx: dict[str, Any],
+    record: JobRecord,
+    outcome: Outcome,
+    *,
+    uncertain: bool,
+    write: WriteTransition,
 ) -> None:
     """Record what an attempt decided: finished, or waiting for its next try."""
-    store: JobStore = ctx["store"]
     settings: Settings = ctx["settings"]
     if outcome.called:
         record = record.model_copy(update={"attempts": record.attempts + 1})
@@ -201,11 +209,11 @@ async def _conclude(
             verify_at = utcnow() + timedelta(
                 seconds=settings.prefect_timeout_s + 2 * settings.settle_s
             )
-        await _finish(store, record, outcome, allowed=(Status.RUNNING,), verify_at=verify_at)
+        await _finish(write, record, outcome, allowed=(Status.RUNNING,), verify_at=verify_at)
         return
     # An earlier try's uncertainty stands until a history read has settled it.
     ambiguous = outcome.ambiguous or (uncertain and not outcome.history_checked)
-    await _defer(store, settings, record, replace(outcome, ambiguous=ambiguous))
+    await _defer(write, settings, record, replace(outcome, ambiguous=ambiguous))
 
 
 async def give_back(store: JobStore, taken: list[Taken], exc: NotDurable) -> None:
@@ -248,7 +256,9 @@ async def _settle(store: JobStore, record: JobRecord, settled_at: datetime) -> N
     )
 
 
-async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome: Outcome) -> None:
+async def _defer(
+    write: WriteTransition, settings: Settings, record: JobRecord, outcome: Outcome
+) -> None:
     """Send a job back to the queue after a transient error, a WAIT or the rate limit."""
     failures = record.transient_failures + (1 if outcome.transient else 0)
     if outcome.transient:
@@ -268,10 +278,10 @@ async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome
     else:
         reason = "the shared Prefect rate limit"
     if failures >= settings.max_attempts:
-        await _exhausted(store, record, f"{failures} transient failures; last: {reason}")
+        await _exhausted(write, record, f"{failures} transient failures; last: {reason}")
         return
     if next_at > record.deadline:
-        await _exhausted(store, record, f"next try would pass the job deadline; last: {reason}")
+        await _exhausted(write, record, f"next try would pass the job deadline; last: {reason}")
         return
     fields: dict[str, Any] = {
         "next_attempt_at": next_at,
@@ -283,7 +293,7 @@ async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome
         fields["orchestration"] = outcome.orchestration
     if outcome.error:
         fields["error"] = outcome.error
-    await store.transition(
+    await write(
         record.job_id,
         allowed=(Status.RUNNING,),
         status=Status.WAITING,
@@ -292,10 +302,10 @@ async def _defer(store: JobStore, settings: Settings, record: JobRecord, outcome
     )
 
 
-async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
+async def _exhausted(write: WriteTransition, record: JobRecord, message: str) -> None:
     error = JobError(code=ErrorCode.RETRIES_EXHAUSTED, message=message)
     await _finish(
-        store,
+        write,
         record,
         Outcome(Status.FAILED, error=error),
         allowed=(*PENDING_STATUSES, Status.RUNNING),
@@ -303,7 +313,7 @@ async def _exhausted(store: JobStore, record: JobRecord, message: str) -> None:
 
 
 async def _finish(
-    store: JobStore,
+    write: WriteTransition,
     record: JobRecord,
     outcome: Outcome,
     *,
@@ -319,7 +329,7 @@ async def _finish(
         fields["error"] = outcome.error
     else:
         clear.append("error")  # a transient error seen while waiting is history now
-    await store.transition(
+    await write(
         record.job_id,
         allowed=allowed,
         status=outcome.status,

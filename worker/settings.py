@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     prefect_latency_tolerance: float = Field(
         2.0,
         gt=1,
-        description="A call this many times slower than the fastest recent one means Prefect "
-        "is queueing: fewer calls in flight.",
+        description="Calls this many times slower than with no load (median of a round of "
+        "calls, against the fastest recent round) mean Prefect is queueing: fewer in flight.",
     )
     prefect_latency_floor_s: float = Field(
-        0.05, ge=0, description="Calls faster than this never count as slow."
+        0.025, ge=0, description="A round of calls whose median is faster than this is never slow."
     )
     worker_poll_delay_s: float = Field(
         0.05, gt=0, description="How often an idle worker looks for new jobs."

@@ -8,7 +8,7 @@ a worker's claim.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -88,6 +88,19 @@ class Transition:
 
 
 @dataclass(frozen=True)
+class Write:
+    """One status change (a TRANSITION script call), prepared by `JobStore.transition_write`."""
+
+    keys: list[Any]
+    args: list[Any]
+
+
+# How a job writes its status changes: `JobStore.transition`, or a worker's
+# dispatcher, which sends them with its next take (`worker.dispatch`).
+WriteTransition = Callable[..., Awaitable[Transition]]
+
+
+@dataclass(frozen=True)
 class Claim:
     outcome: Literal["claimed", "blocked", "skip", "gone"]
     blocked_on: str | None = None
@@ -97,10 +110,13 @@ class TakeNotConfirmed(Exception):
     """A take's claims were made but not stored at the durability level in time:
     no Prefect call may follow them (see `worker.job.give_back`)."""
 
-    def __init__(self, cause: NotDurable, taken: list[Taken]) -> None:
+    def __init__(
+        self, cause: NotDurable, taken: list[Taken], written: list[Transition | Exception]
+    ) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.taken = taken
+        self.written = written
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,15 @@ class Taken:
 
     record: JobRecord
     claimed: bool
+
+
+@dataclass(frozen=True)
+class Took:
+    """What `JobStore.take` did: the jobs taken, and each write's result (or error)."""
+
+    taken: list[Taken]
+    written: list[Transition | Exception]
+    failed: Exception | None = None  # TAKE's own error: the writes were made, nothing taken
 
 
 class JobStore:
@@ -304,36 +329,39 @@ class JobStore:
             return Claim(outcome)  # type: ignore[arg-type]
         raise RuntimeError(f"unexpected claim reply {reply!r}")
 
-    async def take(self, n: int, *, lease_s: float) -> list[Taken]:
-        """Take up to `n` due jobs: claim those whose call is due, hold the uncertain.
+    async def take(self, n: int, *, lease_s: float, writes: Sequence[Write] = ()) -> Took:
+        """Write `writes` (status changes, in order), then take up to `n` due jobs: claim
+        those whose call is due, hold the uncertain.
 
-        One round trip for all of them (see `worker.lua.TAKE`). Returns once the
-        claims are stored at the durability level (NotDurable if not in time): a
-        claim lost after Prefect had the change would let it be applied twice.
+        One round trip for all of it (see `worker.lua.TAKE`): a worker writes the
+        outcomes of the calls that came back with the take that refills their slots.
+        Returns once the claims are stored at the durability level (NotDurable if
+        not in time): a claim lost after Prefect had the change would let it be
+        applied twice.
         """
         now = utcnow()
         recheck_at = now + timedelta(milliseconds=self.gate_recheck_ms)
+        calls = [(self._transition, write.keys, write.args) for write in writes]
+        if n > 0:
+            take_args = [
+                JOB_KEY_PREFIX,
+                n,
+                int(lease_s * 1000),
+                self.gate_grace_ms,
+                self.gate_recheck_ms,
+                now.isoformat(),
+                recheck_at.isoformat(),
+                STATUS_CHANNEL,
+            ]
+            calls.append((self._take, [self.queue_name], take_args))
         try:
-            reply = await self.durability.run(
-                self.redis,
-                self._take,
-                [self.queue_name],
-                [
-                    JOB_KEY_PREFIX,
-                    n,
-                    int(lease_s * 1000),
-                    self.gate_grace_ms,
-                    self.gate_recheck_ms,
-                    now.isoformat(),
-                    recheck_at.isoformat(),
-                    STATUS_CHANNEL,
-                ],
-            )
+            replies = await self.durability.run_all(self.redis, calls, confirm=n > 0)
         except NotDurable as exc:
             if exc.reply is None:
                 raise
-            raise TakeNotConfirmed(exc, _taken(exc.reply, now)) from exc
-        return _taken(reply, now)
+            took = _took(exc.reply, len(writes), now)
+            raise TakeNotConfirmed(exc, took.taken, took.written) from exc
+        return _took(replies, len(writes), now)
 
     async def renew(self, job_ids: Sequence[str], *, lease_s: float) -> None:
         """Extend the leases of the jobs this worker holds (one round trip for all)."""
@@ -344,7 +372,7 @@ class JobStore:
         """Make a held job due again in `delay_s`, if it is still queued."""
         await self._due(keys=[self.queue_name], args=[max(int(delay_s * 1000), 0), "", job_id])
 
-    async def transition(
+    def transition_write(
         self,
         job_id: str,
         *,
@@ -354,19 +382,20 @@ class JobStore:
         clear_fields: Iterable[str] = (),
         due_in_s: float | None = None,
         verify_at: datetime | None = None,
-    ) -> Transition:
-        """Move a job to `status` if it is currently in one of `allowed`.
+    ) -> Write:
+        """A status change, ready to send alone (`transition`) or with a take (`take`).
 
-        A terminal status leaves the queue, gets the result TTL, wakes long-pollers
-        and wakes the next change to the same run if it is parked behind this one.
-        `due_in_s` requeues a job that goes on waiting (in the same step, so a wake-up
-        from its blocker cannot come between); `verify_at` queues an applied job for
-        a duplicate check.
+        It moves the job to `status` if it is currently in one of `allowed`. A terminal
+        status leaves the queue, gets the result TTL, wakes long-pollers and wakes the
+        next change to the same run if it is parked behind this one. `due_in_s`
+        requeues a job that goes on waiting (in the same step, so a wake-up from its
+        blocker cannot come between); `verify_at` queues an applied job for a
+        duplicate check.
         """
         terminal = status.is_terminal
         encoded = fields_to_hash({"status": status.value, **(set_fields or {})})
         clear = list(clear_fields)
-        reply = await self._transition(
+        return Write(
             keys=[job_key(job_id), self.queue_name, FAILURES_KEY, INFLIGHT_KEY, VERIFY_KEY],
             args=[
                 JOB_KEY_PREFIX,
@@ -383,8 +412,11 @@ class JobStore:
                 *_flatten(encoded),
             ],
         )
-        current = _text(reply[1])
-        return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
+
+    async def transition(self, job_id: str, **change: Any) -> Transition:
+        """Write one status change now (see `transition_write` for its arguments)."""
+        write = self.transition_write(job_id, **change)
+        return _transition(await self._transition(keys=write.keys, args=write.args))
 
     async def sweep(self, *, claimed_before: datetime, limit: int = 500) -> list[str]:
         """Requeue jobs last seen before `claimed_before` that are pending but in no queue.
@@ -484,6 +516,23 @@ class RateLimiter:
         """0 if a call may go now (and counts it), else the seconds to wait."""
         wait_ms = await self._script(keys=[RATE_LIMIT_KEY], args=[self.interval_ms, self.burst_ms])
         return int(wait_ms) / 1000
+
+
+def _transition(reply: list[Any]) -> Transition:
+    current = _text(reply[1])
+    return Transition(applied=bool(reply[0]), status=Status(current) if current else None)
+
+
+def _took(replies: list[Any], writes: int, now: datetime) -> Took:
+    """A take's replies: the writes' first (an error in place of a failed one), then TAKE's."""
+    written: list[Transition | Exception] = [
+        reply if isinstance(reply, Exception) else _transition(reply) for reply in replies[:writes]
+    ]
+    if len(replies) <= writes:
+        return Took([], written)
+    if isinstance(replies[writes], Exception):
+        return Took([], written, failed=replies[writes])
+    return Took(_taken(replies[writes], now), written)
 
 
 def _taken(reply: list[Any], now: datetime) -> list[Taken]:
