@@ -96,6 +96,7 @@ bench: install bench-tools
 	$(BIN)/python bench/b4_redis_cost.py
 	$(BIN)/python bench/b5_tasks.py
 	$(BIN)/python bench/b6_queue_ceiling.py
+	$(BIN)/python bench/b6_queue_ceiling.py --service-ms 8 --changes 2400 --runs 400
 	$(BIN)/python bench/summary.py > bench/results/summary.md
 	@cat bench/results/summary.md
 

@@ -86,6 +86,11 @@ def main() -> None:
             "redis_ceiling_per_s",
         ]
         parts.append(section(b6, "B6 the queue's own ceiling", markdown(b6["rows"], cols)))
+    if paced := load("b6_queue_paced"):
+        cols = ["workers", "applied_per_s", "cpu_ms_worker", "cpu_ms_redis", "cpu_ms_queue"]
+        body = markdown(paced["bare_client"], ["mode", "calls_per_s", "cpu_ms_client"])
+        body += "\n\n" + markdown(paced["rows"], cols)
+        parts.append(section(paced, "B6 paced: the queue's CPU at Prefect's pace", body))
     if b5 := load("b5_tasks"):
         body = markdown(b5["answer"], ["call", "p50_ms", "p99_ms"]) + "\n\n"
         cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p99_ms"]
