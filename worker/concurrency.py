@@ -151,9 +151,8 @@ class AdaptiveLimit:
         if len(self._round) < int(self.limit) or now - self._round_started < s.round_s:
             return
         median = statistics.median(self._round)
-        if self.no_load_s is None:
-            self.no_load_s = median
-        self.no_load_s = min(median, self.no_load_s * (1 + s.no_load_drift))
+        drifted = median if self.no_load_s is None else self.no_load_s * (1 + s.no_load_drift)
+        self.no_load_s = min(median, drifted)
         if median > max(s.latency_floor_s, s.latency_tolerance * self.no_load_s):
             self._cut(now)
         elif self._busy and self._slow_start:
@@ -163,15 +162,15 @@ class AdaptiveLimit:
             # Per interval, not per round: a fast server finishes many rounds a second.
             self.limit = min(float(s.maximum), self.limit + 1.0)
             self._last_raise = now
-        self._round = []
-        self._round_started = now
-        self._busy = False
+        self._new_round(now)
 
     def _cut(self, now: float) -> None:
         self._slow_start = False
         self.limit = max(float(self.settings.minimum), self.limit * self.settings.decrease_ratio)
         self._last_cut = self._last_raise = now
-        # The round under way saw the old limit's queue.
+        self._new_round(now)  # the round under way saw the old limit's queue
+
+    def _new_round(self, now: float) -> None:
         self._round = []
         self._round_started = now
         self._busy = False

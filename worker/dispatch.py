@@ -157,30 +157,29 @@ class Dispatcher:
         self, reserved: int, writes: list[tuple[Write, asyncio.Future[Transition]]]
     ) -> list[Taken] | None:
         """One take with the writes waiting; None when it took nothing and should stop."""
+        claimed = 0  # the reserved slots not claimed go back, whatever happens
         try:
-            took = await self.store.take(
-                reserved, lease_s=self.settings.worker_lease_s, writes=[w for w, _ in writes]
-            )
-        except TakeNotConfirmed as exc:
-            await self.concurrency.release(reserved)
-            _resolve(writes, exc.written)
-            await self.give_back(exc.taken, exc.cause)
-            return None
-        except NotDurable as exc:  # refused before anything was written
-            await self.concurrency.release(reserved)
-            _fail(writes, exc)
-            log.error("cannot take jobs: %s", exc)
-            return None
-        except BaseException as exc:
-            await self.concurrency.release(reserved)
-            _fail(writes, exc)
-            raise
-        _resolve(writes, took.written)
-        if took.failed is not None:
-            await self.concurrency.release(reserved)
-            raise took.failed
-        claimed = sum(1 for job in took.taken if job.claimed)
-        await self.concurrency.release(reserved - claimed)
+            try:
+                took = await self.store.take(
+                    reserved, lease_s=self.settings.worker_lease_s, writes=[w for w, _ in writes]
+                )
+            except TakeNotConfirmed as exc:
+                _resolve(writes, exc.took.written)
+                await self.give_back(exc.took.taken, exc.cause)
+                return None
+            except NotDurable as exc:  # refused before anything was written
+                _fail(writes, exc)
+                log.error("cannot take jobs: %s", exc)
+                return None
+            except BaseException as exc:
+                _fail(writes, exc)
+                raise
+            _resolve(writes, took.written)
+            if took.failed is not None:
+                raise took.failed
+            claimed = sum(1 for job in took.taken if job.claimed)
+        finally:
+            await self.concurrency.release(reserved - claimed)
         for job in took.taken:
             self._start(job)
         return took.taken

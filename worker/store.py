@@ -110,13 +110,10 @@ class TakeNotConfirmed(Exception):
     """A take's claims were made but not stored at the durability level in time:
     no Prefect call may follow them (see `worker.job.give_back`)."""
 
-    def __init__(
-        self, cause: NotDurable, taken: list[Taken], written: list[Transition | Exception]
-    ) -> None:
+    def __init__(self, cause: NotDurable, took: Took) -> None:
         super().__init__(str(cause))
         self.cause = cause
-        self.taken = taken
-        self.written = written
+        self.took = took
 
 
 @dataclass(frozen=True)
@@ -359,8 +356,7 @@ class JobStore:
         except NotDurable as exc:
             if exc.reply is None:
                 raise
-            took = _took(exc.reply, len(writes), now)
-            raise TakeNotConfirmed(exc, took.taken, took.written) from exc
+            raise TakeNotConfirmed(exc, _took(exc.reply, len(writes), now)) from exc
         return _took(replies, len(writes), now)
 
     async def renew(self, job_ids: Sequence[str], *, lease_s: float) -> None:
