@@ -35,6 +35,7 @@ from worker.contract import (
     QUEUE_KEY,
     STATS_TOTAL_KEY,
     TERMINAL_STATUSES,
+    job_key,
     utcnow,
 )
 from worker.redis_conn import close_redis, redis_client
@@ -96,8 +97,14 @@ async def test_an_unreachable_prefect_never_leaves_a_job_running_without_a_queue
                 assert time.monotonic() - started < 60, f"job not terminal: {job}"
                 # The heartbeat never waits on the unreachable Prefect.
                 assert stack.redis.keys("pmq:worker:*"), "the worker looks dead"
-                if job["status"] == "running":
-                    assert stack.redis.zscore(QUEUE_KEY, ticket["job_id"]) is not None
+                # The record and its queue entry in one read: read one after the other,
+                # the job could finish in between and leave the queue rightly.
+                with stack.redis.pipeline(transaction=True) as pipe:
+                    pipe.hget(job_key(ticket["job_id"]), "status")
+                    pipe.zscore(QUEUE_KEY, ticket["job_id"])
+                    status, score = pipe.execute()
+                if status == b"running":
+                    assert score is not None
     assert job["status"] == "failed"
     assert job["error"]["code"] == "retries_exhausted"
     assert "ConnectTimeout" in job["error"]["message"]
