@@ -1,10 +1,16 @@
 """Create and read Prefect runs over the REST API, for tests."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+
+# Prefect's own client retries these (SQLite answers 503 "database is locked"
+# when its background services hold the write lock); so does the tests' client.
+RETRY_STATUSES = {429, 503}
+ATTEMPTS = 6
 
 
 class PrefectRuns:
@@ -18,7 +24,11 @@ class PrefectRuns:
         await self.http.aclose()
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.http.post(path, json=body)
+        for attempt in range(ATTEMPTS):
+            response = await self.http.post(path, json=body)
+            if response.status_code not in RETRY_STATUSES or attempt == ATTEMPTS - 1:
+                break
+            await asyncio.sleep(float(response.headers.get("retry-after", 0.2 * 2**attempt)))
         response.raise_for_status()
         data: dict[str, Any] = response.json()
         return data
