@@ -28,6 +28,8 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
+    from mcp_frontend.auth import Auth
+
 app = typer.Typer(
     help="prefect-mcp-queue: queue Prefect state changes for fleets of agents.",
     no_args_is_help=True,
@@ -52,6 +54,34 @@ def _drop_privileges(settings: Settings) -> None:
 health = typer.Typer(help="Health checks for container orchestrators: exit 0 when healthy.")
 app.add_typer(health, name="health")
 app.add_typer(jobs, name="jobs")
+token = typer.Typer(help="Bearer tokens for the HTTP frontend's tokens file.")
+app.add_typer(token, name="token")
+
+
+class RoleName(enum.StrEnum):
+    agent = "agent"
+    reader = "reader"
+    operator = "operator"
+
+
+@token.command("new")
+def token_new(
+    client: Annotated[str, typer.Option(help="The client id the token acts as.")],
+    role: Annotated[RoleName, typer.Option(help="What the token may do.")] = RoleName.agent,
+) -> None:
+    """Print a fresh random token once, and the line for the tokens file.
+
+    The line holds a salted digest, not the token: the file never holds the secret.
+    """
+    from mcp_frontend.auth import Role, TokenConfigError, new_token
+
+    try:
+        made = new_token(client, Role(role.value))
+    except TokenConfigError as exc:
+        typer.echo(f"error: --client: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"token (shown once; give it to {client}): {made.token}")
+    typer.echo(f"line for PMQ_AUTH_TOKENS_FILE: {made.line}")
 
 
 class Transport(enum.StrEnum):
@@ -59,11 +89,11 @@ class Transport(enum.StrEnum):
     http = "http"
 
 
-def _logging(settings: Settings, tokens: dict[str, str] | None = None) -> None:
+def _logging(settings: Settings, auth: Auth | None = None) -> None:
     configure_logging(
         json_lines=settings.log_format == "json",
         level=settings.log_level,
-        secrets=[*settings.secrets(), *(tokens or {})],
+        secrets=[*settings.secrets(), *(auth.secrets() if auth else [])],
     )
 
 
@@ -82,8 +112,8 @@ def serve(
     """Run the MCP frontend."""
     import uvicorn
 
-    from mcp_frontend.auth import TokenConfigError, load_tokens
-    from mcp_frontend.http import UnsafeBind, check_bind
+    from mcp_frontend.auth import TokenConfigError, load_auth
+    from mcp_frontend.http import UnsafeBind, check_bind, check_public_url
     from mcp_frontend.server import build_server
 
     settings = Settings()
@@ -95,16 +125,17 @@ def serve(
     bind_host = host or settings.http_host
     bind_port = port or settings.http_port
     try:
-        tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
-        check_bind(bind_host, has_tokens=bool(tokens), allow_open=settings.allow_open)
+        auth = load_auth(settings)
+        check_bind(bind_host, has_tokens=auth.enabled, allow_open=settings.allow_open)
+        check_public_url(bind_host, auth, settings.public_url)
     except (TokenConfigError, UnsafeBind, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _logging(settings, tokens)
+    _logging(settings, auth)
     count = processes or settings.http_processes
     if count == 1:
         _drop_privileges(settings)  # the tokens file may be readable by root only
-        asgi = _http_app(settings, tokens, bind_host, bind_port)
+        asgi = _http_app(settings, auth, bind_host, bind_port)
         # log_config=None: uvicorn keeps our handler (JSON, secrets scrubbed).
         uvicorn.run(asgi, host=bind_host, port=bind_port, log_config=None, access_log=False)
         return
@@ -124,25 +155,25 @@ def serve(
     )
 
 
-def _http_app(settings: Settings, tokens: dict[str, str], host: str, port: int) -> Starlette:
+def _http_app(settings: Settings, auth: Auth, host: str, port: int) -> Starlette:
     from mcp_frontend.http import build_http_app
     from mcp_frontend.server import build_server
 
     public_url = settings.public_url or f"http://{host}:{port}"
-    mcp = build_server(settings, tokens=tokens, public_url=public_url)
+    mcp = build_server(settings, auth=auth, public_url=public_url)
     allowed = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
-    return build_http_app(mcp, settings, host=host, allowed_hosts=allowed, tokens=tokens)
+    return build_http_app(mcp, settings, host=host, allowed_hosts=allowed, auth=auth)
 
 
 def http_app_factory() -> Starlette:
     """The HTTP app of one process of `pmq serve --processes N` (checked by the parent)."""
-    from mcp_frontend.auth import load_tokens
+    from mcp_frontend.auth import load_auth
 
     settings = Settings()
-    tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
+    auth = load_auth(settings)
     _drop_privileges(settings)
-    _logging(settings, tokens)
-    return _http_app(settings, tokens, settings.http_host, settings.http_port)
+    _logging(settings, auth)
+    return _http_app(settings, auth, settings.http_host, settings.http_port)
 
 
 @app.command()

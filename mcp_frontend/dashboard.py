@@ -1,4 +1,4 @@
-"""/dashboard: the fleet's live view in a browser, behind the frontend's tokens.
+"""/dashboard: the fleet's live view in a browser, for operator tokens only.
 
 The page, its script and its stylesheet are files in `dashboard_static/`,
 served as they are: no build step, and nothing loaded from anywhere but this
@@ -10,16 +10,18 @@ It is an operator's view: every client's jobs, not only the caller's.
 
 import base64
 import binascii
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mcp.server.auth.provider import AccessToken
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from mcp_frontend.auth import StaticTokenVerifier
+from mcp_frontend.auth import Auth, Forbidden, Right, caller_of
 from mcp_frontend.fleet_view import snapshot
 from mcp_frontend.jobs import JobService
 
@@ -39,20 +41,38 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class TokenGate:
-    """Admits a request that carries a configured token; with no tokens, every request.
+    """Admits a request whose token has the dashboard right; with no auth, every request.
 
     The token may come as a bearer token (scripts) or as the password of HTTP
     Basic with any user name, which a browser asks its user for on a 401.
+    Another role's valid token gets 403: the dashboard shows every client's jobs.
     """
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        self._verifier = StaticTokenVerifier(tokens) if tokens else None
+    def __init__(self, auth: Auth) -> None:
+        self._verifier = auth.verifier() if auth.enabled else None
 
-    async def admits(self, request: Request) -> bool:
+    async def refusal(self, request: Request) -> Response | None:
+        """None to admit the request, else the answer that refuses it."""
         if self._verifier is None:
-            return True
+            return None
         token = presented_token(request.headers.get("authorization", ""))
-        return token is not None and await self._verifier.verify_token(token) is not None
+        verified = await self._verifier.verify_token(token) if token else None
+        if verified is None or _expired(verified):
+            return Response(
+                "a token is needed: the password of HTTP Basic, or a bearer token\n",
+                status_code=401,
+                headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"},
+            )
+        caller = caller_of(verified)
+        if not caller.may(Right.DASHBOARD):
+            message = Forbidden(caller, Right.DASHBOARD, "the dashboard")
+            return Response(f"{message}\n", status_code=403, headers={"Cache-Control": "no-store"})
+        return None
+
+
+def _expired(token: AccessToken) -> bool:
+    # The SDK's bearer middleware refuses these for /mcp; the same rule here.
+    return token.expires_at is not None and token.expires_at < time.time()
 
 
 def presented_token(authorization: str) -> str | None:
@@ -78,12 +98,12 @@ class Dashboard:
         self,
         service: JobService,
         *,
-        tokens: dict[str, str],
+        auth: Auth,
         security: TransportSecuritySettings | None,
         worker_max_age_s: float,
     ) -> None:
         self.service = service
-        self.gate = TokenGate(tokens)
+        self.gate = TokenGate(auth)
         # The MCP endpoint's Host check, so an open loopback dashboard cannot be
         # read by another site through DNS rebinding.
         self.hosts = TransportSecurityMiddleware(security)
@@ -101,12 +121,9 @@ class Dashboard:
             refused = await self.hosts.validate_request(request)
             if refused is not None:
                 return refused
-            if not await self.gate.admits(request):
-                return Response(
-                    "a token is needed: the password of HTTP Basic, or a bearer token\n",
-                    status_code=401,
-                    headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"},
-                )
+            refused = await self.gate.refusal(request)
+            if refused is not None:
+                return refused
             return await handler(request)
 
         return guarded

@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mcp_frontend.auth import Auth
 from mcp_frontend.dashboard import Dashboard
 from mcp_frontend.health import FleetProbe
 from mcp_frontend.jobs import JobService, job_store
@@ -43,19 +44,29 @@ def check_bind(host: str, *, has_tokens: bool, allow_open: bool) -> None:
         )
 
 
+def check_public_url(host: str, auth: Auth, public_url: str | None) -> None:
+    """With JWTs the OAuth metadata names this server: beyond loopback, only the
+    operator knows the URL its clients use (a bind address like 0.0.0.0 is not one)."""
+    if auth.jwt is not None and not public_url and not is_loopback(host):
+        raise UnsafeBind(
+            f"PMQ_PUBLIC_URL is needed with PMQ_JWT_JWKS_URL on {host}: the OAuth metadata "
+            "names the server by the URL its clients use"
+        )
+
+
 def build_http_app(
     mcp: MCPServer,
     settings: Settings,
     *,
     host: str,
     allowed_hosts: list[str],
-    tokens: dict[str, str],
+    auth: Auth,
 ) -> Starlette:
     """The ASGI app for `pmq serve --transport http`.
 
     Stateless: any frontend replica can answer any request, since every job
     lives in Redis. /healthz, /readyz and /metrics need no token; /dashboard
-    needs one of `tokens` when there are any, like /mcp.
+    needs an operator's token when `auth` is enabled.
     """
     security = None
     if allowed_hosts:
@@ -72,7 +83,7 @@ def build_http_app(
     app.add_route("/metrics", probe.metrics, methods=["GET"])
     dashboard = Dashboard(
         _reader(redis, settings),
-        tokens=tokens,
+        auth=auth,
         security=_dashboard_security(host, security),
         worker_max_age_s=worker_max_age_s,
     )

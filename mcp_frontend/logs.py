@@ -1,16 +1,20 @@
 """Process-wide logging for `pmq` commands: one JSON object per line on stderr.
 
 Secrets are scrubbed from every line by value, whatever logged them: the
-bearer tokens, Prefect's API key and auth string, a Redis password.
+bearer tokens and their stored digests, Prefect's API key and auth string, a
+Redis password. JWTs are scrubbed by shape, since no list can name them.
 """
 
 import logging
+import re
 import sys
 from collections.abc import Iterable
 
 from pythonjsonlogger.json import JsonFormatter
 
 REDACTED = "[redacted]"
+# A JWS compact serialisation: base64url of a JSON header ('{"' is "eyJ"), payload, signature.
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 
 class RedactSecrets(logging.Filter):
@@ -24,18 +28,18 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # uvicorn's copy of the message with ANSI colours: JSON lines would carry it.
         record.__dict__.pop("color_message", None)
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, REDACTED)
-            record.msg, record.args = message, None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                for secret in self.secrets:
-                    record.exc_text = record.exc_text.replace(secret, REDACTED)
-                record.exc_info = None  # formatters would render it again, unscrubbed
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+            record.exc_info = None  # formatters would render it again, unscrubbed
         return True
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return JWT_RE.sub(REDACTED, text)
 
 
 def configure_logging(*, json_lines: bool, level: str, secrets: Iterable[str]) -> None:

@@ -17,7 +17,7 @@ from mcp.types import ToolAnnotations
 from pydantic import AnyHttpUrl, BaseModel, Field
 from redis.exceptions import RedisError
 
-from mcp_frontend.auth import StaticTokenVerifier, current_client
+from mcp_frontend.auth import Auth, Forbidden, Right, require
 from mcp_frontend.jobs import (
     MAX_LIST,
     JobList,
@@ -96,12 +96,13 @@ _CANCEL = ToolAnnotations(
 
 
 def build_server(
-    settings: Settings, *, tokens: dict[str, str] | None = None, public_url: str | None = None
+    settings: Settings, *, auth: Auth | None = None, public_url: str | None = None
 ) -> MCPServer:
     """The MCPServer with every tool; Redis is opened by its lifespan.
 
-    With `tokens` (HTTP only) every request needs a bearer token, and each job
-    belongs to the client whose token created it.
+    With `auth` enabled (HTTP only) every request needs a bearer token, each job
+    belongs to the client whose token created it, and each tool asks the token's
+    role for the right it needs.
     """
 
     @contextlib.asynccontextmanager
@@ -121,7 +122,7 @@ def build_server(
                 result_ttl_s=settings.result_ttl_s, job_deadline_s=settings.job_deadline_s
             )
         ],
-        **_auth_options(tokens, public_url),
+        **_auth_options(auth, public_url),
     )
 
     async def submit_one(
@@ -133,6 +134,7 @@ def build_server(
         force: bool,
         idempotency_key: str | None,
     ) -> JobTicket:
+        client = _allowed(Right.SUBMIT, f"set_{run_type.value}_run_state")
         change = _parse(
             "",
             run_type=run_type.value,
@@ -145,7 +147,7 @@ def build_server(
             run_id_field=f"{run_type.value}_run_id",
         )
         tickets = await _guard(
-            ctx.request_context.lifespan_context.submit([change], current_client()), submit=True
+            ctx.request_context.lifespan_context.submit([change], client), submit=True
         )
         return tickets[0]
 
@@ -191,6 +193,7 @@ def build_server(
         ctx: Ctx,
     ) -> TicketList:
         """Queue many state changes at once: all validated first, all queued or none."""
+        client = _allowed(Right.SUBMIT, "submit_state_changes")
         parsed = [
             _parse(
                 f"changes[{index}].",
@@ -205,7 +208,7 @@ def build_server(
             for index, item in enumerate(changes)
         ]
         tickets = await _guard(
-            ctx.request_context.lifespan_context.submit(parsed, current_client()),
+            ctx.request_context.lifespan_context.submit(parsed, client),
             submit=True,
             batch=True,
         )
@@ -230,11 +233,12 @@ def build_server(
         notification each time the job's status changes.
         """
         service = ctx.request_context.lifespan_context
+        client = _allowed(Right.READ, "get_job")
         _check_job_id(job_id, "job_id")
         if wait_s > 0:
             on_change = _progress_reporter(ctx) if _wants_progress(ctx) else None
-            return await _guard(service.wait(job_id, wait_s, current_client(), on_change))
-        return await _guard(service.get(job_id, current_client()))
+            return await _guard(service.wait(job_id, wait_s, client, on_change))
+        return await _guard(service.get(job_id, client))
 
     @mcp.tool(annotations=_READ)
     async def get_jobs(
@@ -244,12 +248,11 @@ def build_server(
         ctx: Ctx,
     ) -> JobList:
         """Statuses of many jobs at once, in the order asked."""
+        client = _allowed(Right.READ, "get_jobs")
         for index, job_id in enumerate(job_ids):
             _check_job_id(job_id, f"job_ids[{index}]")
         return JobList(
-            jobs=await _guard(
-                ctx.request_context.lifespan_context.get_many(job_ids, current_client())
-            )
+            jobs=await _guard(ctx.request_context.lifespan_context.get_many(job_ids, client))
         )
 
     @mcp.tool(annotations=_READ)
@@ -267,11 +270,12 @@ def build_server(
         limit: Annotated[int, Field(description=f"At most this many (1 to {MAX_LIST}).")] = 50,
     ) -> JobList:
         """Your newest jobs, newest first, filtered; failures come with Prefect's reasons."""
+        client = _allowed(Right.READ, "list_jobs")
         try:
             query = JobQuery.parse(
                 statuses=status or (),
                 run_id=run_id,
-                client_id=current_client(),
+                client_id=client,
                 since=since,
                 limit=limit,
             )
@@ -283,8 +287,9 @@ def build_server(
     @mcp.tool(annotations=_CANCEL)
     async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:
         """Cancel a job that has not started (queued or waiting); it will never be applied."""
+        client = _allowed(Right.CANCEL, "cancel_job")
         _check_job_id(job_id, "job_id")
-        return await _guard(ctx.request_context.lifespan_context.cancel(job_id, current_client()))
+        return await _guard(ctx.request_context.lifespan_context.cancel(job_id, client))
 
     if settings.bench_noop_tool:
 
@@ -317,22 +322,37 @@ def _progress_reporter(ctx: Ctx) -> Callable[[JobRecord], Awaitable[None]]:
     return report
 
 
-def _auth_options(tokens: dict[str, str] | None, public_url: str | None) -> dict[str, Any]:
-    if not tokens:
+def _auth_options(auth: Auth | None, public_url: str | None) -> dict[str, Any]:
+    if auth is None or not auth.enabled:
         return {}
     url = (public_url or "http://127.0.0.1").rstrip("/")
-    return {
-        "token_verifier": StaticTokenVerifier(tokens),
+    if auth.jwt_rules is None:
         # Static tokens are issued out of band: there is no authorization server to
         # send OAuth clients to, so no protected-resource metadata names one (it would
         # answer 404) and a 401 carries a plain `WWW-Authenticate: Bearer`. The SDK
         # still wants an issuer URL; nothing advertises it.
-        "auth": AuthSettings(
-            issuer_url=AnyHttpUrl(url),
-            resource_server_url=None,
+        settings = AuthSettings(
+            issuer_url=AnyHttpUrl(url), resource_server_url=None, validate_token_resource=False
+        )
+    else:
+        # RFC 9728 metadata at /.well-known/oauth-protected-resource/mcp names the
+        # identity provider, and a 401 points OAuth-aware clients at it. The
+        # verifier checks each token's audience itself.
+        settings = AuthSettings(
+            issuer_url=AnyHttpUrl(auth.jwt_rules.issuer),
+            resource_server_url=AnyHttpUrl(f"{url}/mcp"),
             validate_token_resource=False,
-        ),
-    }
+        )
+    return {"token_verifier": auth.verifier(), "auth": settings}
+
+
+def _allowed(right: Right, tool: str) -> str:
+    """The caller's client id, or a tool error naming its role and the missing right."""
+    try:
+        return require(right, tool)
+    except Forbidden as exc:
+        outcome = {Right.SUBMIT: "; nothing was queued", Right.CANCEL: "; nothing was cancelled"}
+        raise ToolError(f"{exc}{outcome.get(right, '')}") from None
 
 
 def _parse(where: str, **kwargs: Any) -> StateChange:

@@ -34,7 +34,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
-from mcp_frontend.auth import current_client
+from mcp_frontend.auth import Forbidden, Right, current_client, require
 from mcp_frontend.jobs import JobList, JobNotFound, JobService
 from mcp_frontend.progress import Drain, describe, poll_interval_ms
 from worker.contract import PENDING_STATUSES, Batch, JobRecord, JobStatus, Status, utcnow
@@ -43,9 +43,13 @@ from worker.durability import NotDurable
 log = logging.getLogger(__name__)
 
 TASKS = "io.modelcontextprotocol/tasks"
+# JSON-RPC leaves -32000..-32099 to servers; MCP uses -32002 and -32042 there.
+FORBIDDEN = -32003
 SINGLE_CHANGE_TOOLS = frozenset({"set_task_run_state", "set_flow_run_state"})
 BATCH_TOOL = "submit_state_changes"
 _BATCH_PREFIX = "batch-"
+# The spec's wording of a not-found error, per method.
+_VERBS = {"tasks/get": "retrieve", "tasks/cancel": "cancel", "tasks/update": "update"}
 
 T = TypeVar("T")
 Ctx = ServerRequestContext[JobService, Any]
@@ -136,7 +140,7 @@ class TasksExtension(Extension):
 
     async def _get(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
         service = ctx.lifespan_context
-        batch, records = await _lookup(service, params.task_id, "retrieve")
+        batch, records = await _lookup(service, params.task_id, "tasks/get", Right.READ)
         if batch is not None:
             task = await self._batch_task(service, batch, records)
         else:
@@ -146,7 +150,7 @@ class TasksExtension(Extension):
     async def _cancel(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
         """Cancel what has not started; the rest finishes (the spec makes this cooperative)."""
         service = ctx.lifespan_context
-        batch, records = await _lookup(service, params.task_id, "cancel")
+        batch, records = await _lookup(service, params.task_id, "tasks/cancel", Right.CANCEL)
         if batch is not None:
             await _store_call(service.store.mark_batch_cancelled(batch))
         for record in records:
@@ -157,7 +161,7 @@ class TasksExtension(Extension):
     async def _update(self, ctx: Ctx, params: UpdateTaskParams) -> dict[str, Any]:
         # No task here ever asks for input, so every response is for an unknown key:
         # the spec says to ignore those, once the task is known to exist.
-        await _lookup(ctx.lifespan_context, params.task_id, "update")
+        await _lookup(ctx.lifespan_context, params.task_id, "tasks/update", Right.SUBMIT)
         return {"resultType": "complete"}
 
     async def _job_task(self, service: JobService, record: JobRecord) -> dict[str, Any]:
@@ -243,13 +247,17 @@ def _wants_task(ctx: Ctx) -> bool:
 
 
 async def _lookup(
-    service: JobService, task_id: str, verb: str
+    service: JobService, task_id: str, method: str, right: Right
 ) -> tuple[Batch | None, list[JobRecord]]:
     """The task's batch (if it is one) and its records, or the spec's -32602.
 
-    Another client's task answers exactly like an unknown one.
+    Another client's task answers exactly like an unknown one. A caller whose
+    role lacks `right` gets FORBIDDEN before anything is looked up.
     """
-    client = current_client()
+    try:
+        client = require(right, method)
+    except Forbidden as exc:
+        raise MCPError(code=FORBIDDEN, message=str(exc)) from None
     try:
         if task_id.startswith(_BATCH_PREFIX):
             batch = await _store_call(service.batch(task_id, client))
@@ -258,7 +266,8 @@ async def _lookup(
     except JobNotFound:
         raise MCPError(
             code=INVALID_PARAMS,
-            message=f"Failed to {verb} task: task not found (unknown id, or expired after its TTL)",
+            message=f"Failed to {_VERBS[method]} task: "
+            "task not found (unknown id, or expired after its TTL)",
         ) from None
 
 

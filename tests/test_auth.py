@@ -16,6 +16,7 @@ from mcp_frontend.devstack import BIN_DIR, Service, free_port, pmq_service
 from tests.conftest import Stack
 from tests.mcp_calls import error, ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
+from tests.tasks_client import TasksClient
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef00"
@@ -170,3 +171,98 @@ def test_non_loopback_bind_needs_tokens_or_an_explicit_open(stack: Stack) -> Non
     port = free_port()
     start_frontend(stack, port, "--host", "0.0.0.0", PMQ_ALLOW_OPEN="true")
     assert _status(f"http://127.0.0.1:{port}/healthz") == 200
+
+
+def test_pmq_token_new_prints_a_token_once_and_a_line_that_holds_only_its_digest(
+    stack: Stack, tmp_path: Path
+) -> None:
+    made = subprocess.run(
+        [str(BIN_DIR / "pmq"), "token", "new", "--client", "fleet-a", "--role", "reader"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = made.stdout.splitlines()[0].rpartition(": ")[2]
+    line = made.stdout.splitlines()[1].rpartition(": ")[2]
+    assert token.startswith("pmq_") and len(token) >= 40
+    assert line.startswith("hmac-sha256.") and line.endswith(":fleet-a:reader")
+    assert token not in line
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# made by pmq token new\n{line}\n")
+    port = free_port()
+    frontend = start_frontend(stack, port, PMQ_AUTH_TOKENS_FILE=str(tokens))
+    url = f"http://127.0.0.1:{port}/mcp"
+    headers = {"Accept": "application/json, text/event-stream"}
+    right = httpx.post(
+        url, json=INITIALIZE, headers={**headers, "Authorization": f"Bearer {token}"}
+    )
+    # The digest is not a token: presenting the file's content gets nothing.
+    digest = line.split(":")[0]
+    stolen = httpx.post(
+        url, json=INITIALIZE, headers={**headers, "Authorization": f"Bearer {digest}"}
+    )
+    assert right.status_code == 200 and stolen.status_code == 401
+    assert digest not in frontend.log_path.read_text()
+
+    bad = tmp_path / "bad-tokens"
+    bad.write_text(f"{line}\n{token}:fleet-b:superuser\n")
+    refused = subprocess.run(
+        [str(BIN_DIR / "pmq"), "serve", "--transport", "http", "--port", str(free_port())],
+        env={**stack.env(), "PMQ_AUTH_TOKENS_FILE": str(bad)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert f"{bad} line 2: unknown role 'superuser'" in refused.stderr
+    assert token not in refused.stderr
+
+
+async def test_client_b_finds_no_trace_of_client_as_jobs_in_any_answer(
+    stack: Stack, prefect: PrefectRuns
+) -> None:
+    bob_reader = "bob-reader-0123456789abcdef"
+    port = free_port()
+    start_frontend(stack, port, PMQ_AUTH_TOKENS=f"{ALICE}:alice,{BOB}:bob,{bob_reader}:bob:reader")
+    base = f"http://127.0.0.1:{port}"
+    flow_run = await prefect.flow_run()
+    change = {"run_type": "flow", "run_id": flow_run, "state": "RUNNING"}
+    async with TasksClient(f"{base}/mcp", token=ALICE) as alice:
+        job_id = (
+            await alice.call_tool(
+                "set_flow_run_state", {"flow_run_id": flow_run, "state": "RUNNING"}, tasks=False
+            )
+        ).result["structuredContent"]["job_id"]
+        batch_id = (await alice.call_tool("submit_state_changes", {"changes": [change]})).result[
+            "taskId"
+        ]
+    never = "0" * 32
+    for token in (BOB, bob_reader):
+        async with TasksClient(f"{base}/mcp", token=token) as bob:
+            for method in ("tasks/get", "tasks/cancel", "tasks/update"):
+                for task_id, unknown in ((job_id, never), (batch_id, "batch-" + never)):
+                    params = {"taskId": task_id}
+                    theirs = (await bob.request(method, params, tasks=True, name=task_id)).response
+                    none = (
+                        await bob.request(method, {"taskId": unknown}, tasks=True, name=unknown)
+                    ).response
+                    if token == bob_reader and method != "tasks/get":
+                        # Refused for the role before any lookup: the same either way.
+                        assert theirs["error"]["code"] == -32003
+                    assert theirs["error"] == none["error"], (method, theirs)
+            listed = (await bob.call_tool("list_jobs", {}, tasks=False)).result
+            assert job_id not in str(listed) and "alice" not in str(listed)
+            for tool, args in [
+                ("get_job", {"job_id": job_id}),
+                ("get_jobs", {"job_ids": [job_id]}),
+            ]:
+                answer = str((await bob.call_tool(tool, args, tasks=False)).result)
+                assert "alice" not in answer and flow_run not in answer, (tool, answer)
+        # The dashboard shows every client: an agent's or a reader's token gets 403, no data.
+        for path in ("/dashboard", "/dashboard/api/snapshot"):
+            refused = httpx.get(base + path, headers={"Authorization": f"Bearer {token}"})
+            assert refused.status_code == 403
+            assert job_id not in refused.text and "alice" not in refused.text

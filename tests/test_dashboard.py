@@ -28,7 +28,8 @@ from tests.prefect_runs import PrefectRuns
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).parent / "artifacts" / "dashboard.png"
-TOKEN = "ops-token-0123456789abcdef"
+TOKEN = "ops-token-0123456789abcdef"  # an operator's: the dashboard shows every client
+AGENT = "ops-agent-0123456789abcdef"  # submits the changes the dashboard shows
 UNKNOWN_RUN = "00000000-0000-4000-8000-000000000000"
 APPLIED_CHANGES = 3
 PAGE_TIMEOUT_MS = 30_000
@@ -43,10 +44,11 @@ class Frontend:
 
 @pytest.fixture(scope="module")
 def frontend(worked_stack: Stack) -> Iterator[Frontend]:
-    service, port = worked_stack.start_frontend(auth_tokens=f"{TOKEN}:ops")
+    service, port = worked_stack.start_frontend(auth_tokens=f"{TOKEN}:ops:operator,{AGENT}:ops")
     yield Frontend(f"http://127.0.0.1:{port}", service)
     # Browser, Basic and bearer requests alike: the token never reaches the log.
-    assert TOKEN not in service.log_path.read_text()
+    log = service.log_path.read_text()
+    assert TOKEN not in log and AGENT not in log
 
 
 def _basic(password: str) -> dict[str, str]:
@@ -187,7 +189,7 @@ async def _submit_changes(frontend: Frontend, prefect: PrefectRuns, *, failing: 
     ]
     if failing:
         changes.append({"run_type": "task", "run_id": UNKNOWN_RUN, "state": "RUNNING"})
-    async with as_client(frontend.url + "/mcp", TOKEN) as client:
+    async with as_client(frontend.url + "/mcp", AGENT) as client:
         tickets = (await ok(client, "submit_state_changes", changes=changes))["jobs"]
         outcomes = [(await wait_terminal(client, t["job_id"]))["status"] for t in tickets]
     assert outcomes == ["applied"] * APPLIED_CHANGES + ["failed"] * failing

@@ -1,11 +1,13 @@
 """Logs are JSON lines that name the job, run and client, and never carry a secret."""
 
+import base64
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
+from mcp_frontend.auth import Role, new_token, parse_tokens, token_secrets
 from mcp_frontend.devstack import RedisServer, free_port, pmq_service
 from mcp_frontend.logs import REDACTED, configure_logging
 from tests.conftest import Services, Stack
@@ -106,3 +108,27 @@ async def test_service_logs_are_json_with_ids_and_no_secrets(
         r["message"] == "job applied" and r["client_id"] == "alice" and r["run_id"] == flow_run
         for r in finished
     )
+
+
+def test_jwts_and_token_digests_are_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
+    made = new_token("alice", Role.AGENT)
+    digest = made.line.split(":")[0]
+    entries = parse_tokens(made.line, source="file")
+    # Any JWT, whoever logs it: an identity provider's tokens are not in any list.
+    header = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"k1"}').decode().rstrip("=")
+    jwt = f"{header}.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
+    configure_logging(json_lines=True, level="INFO", secrets=token_secrets(entries))
+    try:
+        logging.getLogger("pmq.test").warning("got %s and %s from %s", jwt, digest, "alice")
+        try:
+            raise ValueError(f"Bearer {jwt}")
+        except ValueError:
+            logging.getLogger("pmq.test").exception("refused")
+        text = capsys.readouterr().err
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.captureWarnings(False)
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines[0]["message"] == f"got {REDACTED} and {REDACTED} from alice"
+    assert "ValueError: Bearer [redacted]" in lines[1]["exc_info"]
+    assert jwt not in text and digest not in text and made.token not in text

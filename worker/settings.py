@@ -150,11 +150,31 @@ class Settings(BaseSettings):
     )
     auth_tokens: str = Field(
         "",
-        description="HTTP bearer tokens, `token:client_id` comma-separated (tokens of 16+ "
-        "characters). Never logged.",
+        description="HTTP bearer tokens, `token:client_id[:role]` comma-separated (tokens of "
+        "16+ characters, or digests from `pmq token new`; role agent, reader or operator, "
+        "default agent). Never logged.",
     )
     auth_tokens_file: Path | None = Field(
-        None, description="A file of `token:client_id` lines, e.g. a Docker secret."
+        None,
+        description="A file of `token:client_id[:role]` lines, e.g. a Docker secret.",
+    )
+    jwt_jwks_url: str | None = Field(
+        None,
+        description="Accept identity-provider JWTs signed by a key of this JWKS; unset = none. "
+        "Needs PMQ_JWT_ISSUER and PMQ_JWT_AUDIENCE.",
+    )
+    jwt_issuer: str | None = Field(None, description="The `iss` every JWT must carry.")
+    jwt_audience: str | None = Field(
+        None, description="The `aud` every JWT must carry (usually PMQ_PUBLIC_URL + `/mcp`)."
+    )
+    jwt_client_claim: str = Field(
+        "sub", description="The JWT claim that holds the caller's client id."
+    )
+    jwt_algorithms: str = Field(
+        "RS256,ES256", description="Signature algorithms a JWT may use, comma-separated."
+    )
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on a JWT's exp and nbf."
     )
     allow_open: bool = Field(
         False, description="Serve HTTP without tokens on a non-loopback address (not advised)."
@@ -167,8 +187,8 @@ class Settings(BaseSettings):
     )
     public_url: str | None = Field(
         None,
-        description="The frontend's external URL, for OAuth metadata once an authorization "
-        "server is configured; static tokens advertise none.",
+        description="The frontend's external URL: with JWTs, OAuth metadata names "
+        "`<it>/mcp` as the protected resource; static tokens advertise none.",
     )
     run_as: str | None = Field(
         None,
@@ -194,6 +214,12 @@ class Settings(BaseSettings):
         validation_alias="PREFECT_API_URL",
         description="Prefect's own variable; `pmq dev` starts a local server when unset.",
     )
+
+    @model_validator(mode="after")
+    def _jwt_rules_complete(self) -> Settings:
+        if self.jwt_jwks_url and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError("PMQ_JWT_JWKS_URL needs PMQ_JWT_ISSUER and PMQ_JWT_AUDIENCE too")
+        return self
 
     @model_validator(mode="after")
     def _durability_wait_fits(self) -> Settings:
