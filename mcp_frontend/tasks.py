@@ -43,8 +43,9 @@ from worker.durability import NotDurable
 log = logging.getLogger(__name__)
 
 TASKS = "io.modelcontextprotocol/tasks"
-# JSON-RPC leaves -32000..-32099 to servers; MCP uses -32002 and -32042 there.
-FORBIDDEN = -32003
+# A role without the right. JSON-RPC leaves -32000..-32099 to servers; MCP and
+# its tasks extension use -32000..-32003, -32020..-32022 and -32042 there.
+FORBIDDEN = -32030
 SINGLE_CHANGE_TOOLS = frozenset({"set_task_run_state", "set_flow_run_state"})
 BATCH_TOOL = "submit_state_changes"
 _BATCH_PREFIX = "batch-"

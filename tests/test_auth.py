@@ -251,7 +251,7 @@ async def test_client_b_finds_no_trace_of_client_as_jobs_in_any_answer(
                     ).response
                     if token == bob_reader and method != "tasks/get":
                         # Refused for the role before any lookup: the same either way.
-                        assert theirs["error"]["code"] == -32003
+                        assert theirs["error"]["code"] == -32030
                     assert theirs["error"] == none["error"], (method, theirs)
             listed = (await bob.call_tool("list_jobs", {}, tasks=False)).result
             assert job_id not in str(listed) and "alice" not in str(listed)

@@ -52,7 +52,7 @@ NEEDS = {
     "/dashboard/api/snapshot": "dashboard",
     "/dashboard/static/dashboard.js": "dashboard",
 }
-FORBIDDEN_CODE = -32003
+FORBIDDEN_CODE = -32030
 
 
 @dataclass
