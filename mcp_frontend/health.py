@@ -1,7 +1,7 @@
 """/readyz and /metrics: what the fleet looks like, read from Redis at request time.
 
 Neither needs a token, so neither says anything sensitive: no URLs, no ids,
-only counts and ok/unreachable.
+only counts, ok/unreachable and a fixed phrase for why Redis failed.
 """
 
 import time
@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from worker.contract import QUEUE_KEY, STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
+from worker.redis_check import failure_kind
 
 TOTALS = (
     "enqueued",
@@ -60,8 +61,14 @@ class FleetProbe:
         try:
             await self.redis.ping()
             workers = await self.workers()
-        except RedisError:
-            down = {"ready": False, "redis": "unreachable", "workers": 0, "prefect": "unknown"}
+        except RedisError as exc:
+            down = {
+                "ready": False,
+                "redis": "unreachable",
+                "redis_error": failure_kind(exc),  # e.g. "TLS certificate verification failed"
+                "workers": 0,
+                "prefect": "unknown",
+            }
             return JSONResponse(down, status_code=503)
         prefect = "ok" if any(w["prefect_ok"] for w in workers) else "unreachable"
         if not workers:

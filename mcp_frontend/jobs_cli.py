@@ -6,8 +6,9 @@ as the MCP tools, so it works while every frontend is down. It sees every
 client's jobs.
 
 Exit codes, for scripts: 0 every job applied, 1 some rejected, failed or
-cancelled, 2 usage error (bad arguments, a bad input line, an unknown job id),
-3 timeout (some jobs still unfinished).
+cancelled, 2 usage error (bad arguments, a bad input line, an unknown job id,
+a Redis that does not answer or can never be used as configured: see
+worker.redis_check), 3 timeout (some jobs still unfinished).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from worker.contract import (
     Status,
 )
 from worker.durability import NotDurable
+from worker.redis_check import RedisUnusable, check_redis
 from worker.settings import Settings
 from worker.store import IdempotencyConflict, QueueFull, QuotaExceeded
 
@@ -473,11 +475,14 @@ def _run(settings: Settings, call: Any) -> Any:
     """Run `call(service)` on a fresh JobService; Redis trouble is a clear error, exit 2."""
 
     async def main() -> Any:
+        await check_redis(settings)  # a TLS or password mistake said plainly, and at once
         async with open_job_service(settings) as service:
             return await call(service)
 
     try:
         return asyncio.run(main())
+    except RedisUnusable as exc:
+        _usage(f"error: {exc}")
     except RedisError as exc:
         err.print(f"Redis unavailable at the configured PMQ_REDIS_URL: {exc}")
         raise typer.Exit(EXIT_USAGE) from None

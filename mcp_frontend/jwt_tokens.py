@@ -99,13 +99,42 @@ _DECODE_REFUSALS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
 )
 
 
+class RefusalLog:
+    """One warning per reason per `every_s`, with how many it stands for.
+
+    The SDK checks a bearer token on every route, /healthz included, so anyone
+    could otherwise fill the log with junk tokens.
+    """
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def report(self, reason: str) -> None:
+        now = time.monotonic()
+        held = self._held.pop(reason, 0)
+        if now - self._last.get(reason, -self.every_s) < self.every_s:
+            self._held[reason] = held + 1
+            return
+        self._last[reason] = now
+        more = f" (and {held} more like it in the last {self.every_s:g} s)" if held else ""
+        log.warning("bearer JWT refused: %s%s", reason, more)
+
+
 class JwtVerifier:
     """Verifies bearer JWTs against `rules`; an MCP SDK `TokenVerifier`.
 
     Owns an httpx client unless given one; close it with `aclose()` or `async with`.
     """
 
-    def __init__(self, rules: JwtRules, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        rules: JwtRules,
+        *,
+        http: httpx.AsyncClient | None = None,
+        refusal_log_every_s: float = 10.0,
+    ) -> None:
         self._rules = rules
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=JWKS_FETCH_TIMEOUT_S)
@@ -114,6 +143,7 @@ class JwtVerifier:
         self._attempted_at_s: float | None = None
         self._fetch_error: str | None = None  # why the last fetch failed, if it did
         self._fetch_lock = asyncio.Lock()
+        self._refusals = RefusalLog(refusal_log_every_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -135,7 +165,7 @@ class JwtVerifier:
         try:
             return await self._verify(token)
         except _Refused as refused:
-            log.warning("bearer JWT refused: %s", refused)
+            self._refusals.report(str(refused))
             return None
 
     async def _verify(self, token: str) -> AccessToken:

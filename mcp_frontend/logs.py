@@ -2,7 +2,7 @@
 
 Secrets are scrubbed from every line by value, whatever logged them: the
 bearer tokens and their stored digests, Prefect's API key and auth string, a
-Redis password. JWTs are scrubbed by shape, since no list can name them.
+Redis password. JWTs and `pmq token new` tokens are scrubbed by shape.
 """
 
 import logging
@@ -13,8 +13,12 @@ from collections.abc import Iterable
 from pythonjsonlogger.json import JsonFormatter
 
 REDACTED = "[redacted]"
-# A JWS compact serialisation: base64url of a JSON header ('{"' is "eyJ"), payload, signature.
-JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+# Scrubbed by shape, since no list names them: a JWS compact serialisation (base64url
+# of a JSON header, '{"' being "eyJ", then payload and signature), and the tokens
+# `pmq token new` makes, whose file holds only their digest.
+BY_SHAPE = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*|pmq_[A-Za-z0-9_-]{43}"
+)
 
 
 class RedactSecrets(logging.Filter):
@@ -39,7 +43,7 @@ class RedactSecrets(logging.Filter):
     def scrub(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
-        return JWT_RE.sub(REDACTED, text)
+        return BY_SHAPE.sub(REDACTED, text)
 
 
 def configure_logging(*, json_lines: bool, level: str, secrets: Iterable[str]) -> None:

@@ -14,7 +14,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from mcp_frontend.auth import Auth, Forbidden, Right, require
@@ -105,6 +105,11 @@ def build_server(
     role for the right it needs.
     """
 
+    token_required = auth is not None and auth.enabled
+
+    def allowed(right: Right, tool: str) -> str:
+        return _allowed(right, tool, token_required=token_required)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[JobService]:
         async with open_job_service(settings) as service:
@@ -119,7 +124,9 @@ def build_server(
         lifespan=lifespan,
         extensions=[
             TasksExtension(
-                result_ttl_s=settings.result_ttl_s, job_deadline_s=settings.job_deadline_s
+                result_ttl_s=settings.result_ttl_s,
+                job_deadline_s=settings.job_deadline_s,
+                token_required=token_required,
             )
         ],
         **_auth_options(auth, public_url),
@@ -134,7 +141,7 @@ def build_server(
         force: bool,
         idempotency_key: str | None,
     ) -> JobTicket:
-        client = _allowed(Right.SUBMIT, f"set_{run_type.value}_run_state")
+        client = allowed(Right.SUBMIT, f"set_{run_type.value}_run_state")
         change = _parse(
             "",
             run_type=run_type.value,
@@ -193,7 +200,7 @@ def build_server(
         ctx: Ctx,
     ) -> TicketList:
         """Queue many state changes at once: all validated first, all queued or none."""
-        client = _allowed(Right.SUBMIT, "submit_state_changes")
+        client = allowed(Right.SUBMIT, "submit_state_changes")
         parsed = [
             _parse(
                 f"changes[{index}].",
@@ -233,7 +240,7 @@ def build_server(
         notification each time the job's status changes.
         """
         service = ctx.request_context.lifespan_context
-        client = _allowed(Right.READ, "get_job")
+        client = allowed(Right.READ, "get_job")
         _check_job_id(job_id, "job_id")
         if wait_s > 0:
             on_change = _progress_reporter(ctx) if _wants_progress(ctx) else None
@@ -248,7 +255,7 @@ def build_server(
         ctx: Ctx,
     ) -> JobList:
         """Statuses of many jobs at once, in the order asked."""
-        client = _allowed(Right.READ, "get_jobs")
+        client = allowed(Right.READ, "get_jobs")
         for index, job_id in enumerate(job_ids):
             _check_job_id(job_id, f"job_ids[{index}]")
         return JobList(
@@ -270,7 +277,7 @@ def build_server(
         limit: Annotated[int, Field(description=f"At most this many (1 to {MAX_LIST}).")] = 50,
     ) -> JobList:
         """Your newest jobs, newest first, filtered; failures come with Prefect's reasons."""
-        client = _allowed(Right.READ, "list_jobs")
+        client = allowed(Right.READ, "list_jobs")
         try:
             query = JobQuery.parse(
                 statuses=status or (),
@@ -287,7 +294,7 @@ def build_server(
     @mcp.tool(annotations=_CANCEL)
     async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:
         """Cancel a job that has not started (queued or waiting); it will never be applied."""
-        client = _allowed(Right.CANCEL, "cancel_job")
+        client = allowed(Right.CANCEL, "cancel_job")
         _check_job_id(job_id, "job_id")
         return await _guard(ctx.request_context.lifespan_context.cancel(job_id, client))
 
@@ -296,6 +303,7 @@ def build_server(
         @mcp.tool(annotations=_READ)
         async def noop() -> JobList:
             """Does nothing: the MCP transport's own cost, for bench/b1_caller_latency.py."""
+            allowed(Right.READ, "noop")
             return JobList(jobs=[])
 
     return mcp
@@ -332,24 +340,26 @@ def _auth_options(auth: Auth | None, public_url: str | None) -> dict[str, Any]:
         # answer 404) and a 401 carries a plain `WWW-Authenticate: Bearer`. The SDK
         # still wants an issuer URL; nothing advertises it.
         settings = AuthSettings(
-            issuer_url=AnyHttpUrl(url), resource_server_url=None, validate_token_resource=False
+            issuer_url=url, resource_server_url=None, validate_token_resource=False
         )
     else:
         # RFC 9728 metadata at /.well-known/oauth-protected-resource/mcp names the
         # identity provider, and a 401 points OAuth-aware clients at it. The
         # verifier checks each token's audience itself.
+        # Strings, not AnyHttpUrl(...): AuthSettings keeps an issuer's empty path
+        # as it is, and RFC 8414 compares issuers character for character.
         settings = AuthSettings(
-            issuer_url=AnyHttpUrl(auth.jwt_rules.issuer),
-            resource_server_url=AnyHttpUrl(f"{url}/mcp"),
+            issuer_url=auth.jwt_rules.issuer,
+            resource_server_url=f"{url}/mcp",
             validate_token_resource=False,
         )
     return {"token_verifier": auth.verifier(), "auth": settings}
 
 
-def _allowed(right: Right, tool: str) -> str:
+def _allowed(right: Right, tool: str, *, token_required: bool) -> str:
     """The caller's client id, or a tool error naming its role and the missing right."""
     try:
-        return require(right, tool)
+        return require(right, tool, token_required=token_required)
     except Forbidden as exc:
         outcome = {Right.SUBMIT: "; nothing was queued", Right.CANCEL: "; nothing was cancelled"}
         raise ToolError(f"{exc}{outcome.get(right, '')}") from None

@@ -69,7 +69,10 @@ class TasksExtension(Extension):
 
     identifier = TASKS
 
-    def __init__(self, *, result_ttl_s: float, job_deadline_s: float) -> None:
+    def __init__(
+        self, *, result_ttl_s: float, job_deadline_s: float, token_required: bool = False
+    ) -> None:
+        self._token_required = token_required
         self._result_ttl = timedelta(seconds=result_ttl_s)
         self._pending_ttl = timedelta(seconds=job_deadline_s + result_ttl_s)
 
@@ -141,7 +144,9 @@ class TasksExtension(Extension):
 
     async def _get(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
         service = ctx.lifespan_context
-        batch, records = await _lookup(service, params.task_id, "tasks/get", Right.READ)
+        batch, records = await _lookup(
+            service, params.task_id, "tasks/get", Right.READ, token_required=self._token_required
+        )
         if batch is not None:
             task = await self._batch_task(service, batch, records)
         else:
@@ -151,7 +156,13 @@ class TasksExtension(Extension):
     async def _cancel(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
         """Cancel what has not started; the rest finishes (the spec makes this cooperative)."""
         service = ctx.lifespan_context
-        batch, records = await _lookup(service, params.task_id, "tasks/cancel", Right.CANCEL)
+        batch, records = await _lookup(
+            service,
+            params.task_id,
+            "tasks/cancel",
+            Right.CANCEL,
+            token_required=self._token_required,
+        )
         if batch is not None:
             await _store_call(service.store.mark_batch_cancelled(batch))
         for record in records:
@@ -162,7 +173,13 @@ class TasksExtension(Extension):
     async def _update(self, ctx: Ctx, params: UpdateTaskParams) -> dict[str, Any]:
         # No task here ever asks for input, so every response is for an unknown key:
         # the spec says to ignore those, once the task is known to exist.
-        await _lookup(ctx.lifespan_context, params.task_id, "tasks/update", Right.SUBMIT)
+        await _lookup(
+            ctx.lifespan_context,
+            params.task_id,
+            "tasks/update",
+            Right.SUBMIT,
+            token_required=self._token_required,
+        )
         return {"resultType": "complete"}
 
     async def _job_task(self, service: JobService, record: JobRecord) -> dict[str, Any]:
@@ -248,7 +265,7 @@ def _wants_task(ctx: Ctx) -> bool:
 
 
 async def _lookup(
-    service: JobService, task_id: str, method: str, right: Right
+    service: JobService, task_id: str, method: str, right: Right, *, token_required: bool
 ) -> tuple[Batch | None, list[JobRecord]]:
     """The task's batch (if it is one) and its records, or the spec's -32602.
 
@@ -256,7 +273,7 @@ async def _lookup(
     role lacks `right` gets FORBIDDEN before anything is looked up.
     """
     try:
-        client = require(right, method)
+        client = require(right, method, token_required=token_required)
     except Forbidden as exc:
         raise MCPError(code=FORBIDDEN, message=str(exc)) from None
     try:

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from mcp_frontend.auth import Auth
 from mcp_frontend.devstack import Service, free_port
+from mcp_frontend.jwt_tokens import JwtRules
+from mcp_frontend.server import _auth_options
 from tests.conftest import Stack
 from tests.jwks_server import JwksServer, SigningKey, TokenFactory, new_rsa_key
 from tests.prefect_runs import PrefectRuns
@@ -130,3 +133,22 @@ async def test_roles_come_from_scopes(secured: Secured, prefect: PrefectRuns) ->
     expired = secured.tokens.token(scope="pmq:operator", exp=int(time.time()) - 120)
     got = httpx.get(dashboard, headers={"Authorization": f"Bearer {expired}"}, timeout=10)
     assert got.status_code == 401
+
+
+def test_a_jwt_cannot_take_a_static_clients_or_the_local_users_id(secured: Secured) -> None:
+    for taken in ("scripts", "local"):  # `scripts`: the static token's client
+        token = secured.tokens.token(scope="pmq:agent", sub=taken)
+        assert _initialize(secured.base, token).status_code == 401, taken
+    assert "belongs to a static token or the local user" in secured.frontend.log_path.read_text()
+
+
+def test_an_issuer_without_a_path_is_advertised_exactly_as_configured() -> None:
+    # RFC 8414 compares issuers character for character: no slash may be added.
+    rules = JwtRules(
+        jwks_url="http://127.0.0.1:9/jwks.json",
+        issuer="https://idp.example.test",
+        audience="http://127.0.0.1:8000/mcp",
+    )
+    options = _auth_options(Auth([], rules, None), "http://127.0.0.1:8000")
+    assert str(options["auth"].issuer_url) == "https://idp.example.test"
+    assert str(options["auth"].resource_server_url) == "http://127.0.0.1:8000/mcp"

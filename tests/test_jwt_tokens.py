@@ -412,7 +412,7 @@ async def test_unknown_kids_refetch_at_most_once_per_refresh_min_s(
 ) -> None:
     refresh_min_s = 0.5
     limited = JwtRules(idp.url, ISSUER, AUDIENCE, refresh_min_s=refresh_min_s)
-    async with JwtVerifier(limited) as verifier:
+    async with JwtVerifier(limited, refusal_log_every_s=0) as verifier:
         assert await verifier.verify(tokens.token()) is not None
         assert idp.fetches == 1
         # Within the window even the first unknown kid waits: the JWKS is that fresh.
@@ -489,7 +489,7 @@ async def test_jwks_server_down_refuses_quickly(
 ) -> None:
     with JwksServer(key) as gone:
         url = gone.url  # a port that now refuses connections
-    async with JwtVerifier(JwtRules(url, ISSUER, AUDIENCE)) as verifier:
+    async with JwtVerifier(JwtRules(url, ISSUER, AUDIENCE), refusal_log_every_s=0) as verifier:
         for _ in range(3):  # after the first attempt, refused at once until refresh_min_s
             started = time.monotonic()
             assert await verifier.verify(tokens.token()) is None
@@ -619,4 +619,19 @@ def test_rules_accepted(changes: dict[str, Any]) -> None:
     JwtRules(
         **{"jwks_url": "https://idp.example.test/jwks", "issuer": ISSUER, "audience": AUDIENCE}
         | changes
+    )
+
+
+async def test_refusals_are_logged_once_per_reason_per_interval(
+    rules: JwtRules, tokens: TokenFactory, warnings_seen: Callable[[], list[str]]
+) -> None:
+    # Any request can carry a junk token: the log must not grow with them.
+    async with JwtVerifier(rules, refusal_log_every_s=0.2) as verifier:
+        for _ in range(5):
+            assert await verifier.verify(tokens.token(exp=now() - 120)) is None
+        assert warnings_seen() == ["bearer JWT refused: expired"]
+        await asyncio.sleep(0.2)  # the interval itself is under test
+        assert await verifier.verify(tokens.token(exp=now() - 120)) is None
+    assert warnings_seen()[-1] == (
+        "bearer JWT refused: expired (and 4 more like it in the last 0.2 s)"
     )

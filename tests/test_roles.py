@@ -6,12 +6,13 @@ file is the contract the README's table states.
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from mcp_frontend.auth import TokenConfigError, parse_tokens
+from mcp_frontend.auth import TokenConfigError, load_tokens, parse_tokens
 from tests.conftest import Stack
 from tests.prefect_runs import PrefectRuns
 from tests.tasks_client import TasksClient
@@ -147,7 +148,15 @@ async def test_each_role_against_each_tool_tasks_method_and_route(
     assert job["structuredContent"]["status"] == expected
 
 
-def test_a_role_suffix_is_a_role_and_bad_lines_stop_start_up_naming_the_line() -> None:
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text(text)
+    return path
+
+
+def test_a_role_suffix_is_a_role_and_bad_lines_stop_start_up_naming_the_line(
+    tmp_path: Path,
+) -> None:
     entries = parse_tokens(f"{READER}:tenant-a:reader\n{AGENT}:tenant-a", source="f")
     assert [(e.client_id, e.role.value) for e in entries] == [
         ("tenant-a", "reader"),
@@ -155,6 +164,13 @@ def test_a_role_suffix_is_a_role_and_bad_lines_stop_start_up_naming_the_line() -
     ]
     with pytest.raises(TokenConfigError, match="PMQ_AUTH_TOKENS line 1 entry 2: unknown role"):
         parse_tokens(f"{AGENT}:a, {READER}:b:root", source="PMQ_AUTH_TOKENS")
+    # Which of two lines would win is an accident of order: start-up refuses both.
+    with pytest.raises(TokenConfigError) as twice:
+        load_tokens(f"{AGENT}:alice", _file(tmp_path, f"# x\n{AGENT}:bob:operator\n"))
+    assert (
+        str(twice.value)
+        == f"{tmp_path / 'tokens'} line 2: the same token as PMQ_AUTH_TOKENS line 1"
+    )
     bad = {
         f"{AGENT}:tenant-a:admin": "f line 3: unknown role 'admin'; roles are agent, reader",
         f"a:{AGENT}:tenant-a:reader": "f line 3: expected token:client_id or token:client_id:role",

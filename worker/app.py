@@ -34,6 +34,7 @@ from worker.dispatch import Dispatcher, QueueWorker, Slot
 from worker.durability import NotDurable
 from worker.job import apply_state_change, give_back
 from worker.prefect_http import PrefectHttp
+from worker.redis_check import RedisUnusable, check_redis
 from worker.redis_conn import arq_pool
 from worker.settings import Settings
 from worker.store import JobStore, RateLimiter, Taken
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 # lasted this long was a recovery, and the next loss starts from 0.5 s again.
 _FIRST_RESTART_DELAY_S = 0.5
 _STEADY_RUN_S = 30.0
+EXIT_REDIS_UNUSABLE = 2
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -159,6 +161,9 @@ def run_worker(settings: Settings) -> None:
 
     arq's poll loop ends on a Redis error; its jobs are safe (their leases
     lapse and they run again), so the worker waits for Redis and carries on.
+    A Redis it can never use (a wrong CA, a plaintext port behind rediss://, a
+    wrong password: see worker.redis_check) ends the process instead, with exit
+    code 2 and the reason logged.
     """
     if settings.worker_metrics_port is not None:
         # Once per process, not per run below: the registry is process-wide, and a
@@ -169,8 +174,13 @@ def run_worker(settings: Settings) -> None:
         worker = build_worker(settings)
         started = time.monotonic()
         try:
+            # Before arq's first command, which a plaintext port behind rediss:// would stall.
+            worker.loop.run_until_complete(check_redis(settings))
             worker.run()
             return
+        except RedisUnusable as exc:
+            log.error("cannot use Redis, stopping: %s", exc)
+            raise SystemExit(EXIT_REDIS_UNUSABLE) from None
         except (RedisError, ConnectionError, socket.gaierror, TimeoutError) as exc:
             # Only what losing Redis raises: any other error (a bug, a bad setting)
             # must stop the process loudly rather than loop.

@@ -219,6 +219,9 @@ class Settings(BaseSettings):
     def _jwt_rules_complete(self) -> Settings:
         if self.jwt_jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("PMQ_JWT_JWKS_URL needs PMQ_JWT_ISSUER and PMQ_JWT_AUDIENCE too")
+        if not self.jwt_jwks_url and (self.jwt_issuer or self.jwt_audience):
+            # Without keys no JWT is checked at all: say so rather than ignore the rest.
+            raise ValueError("PMQ_JWT_ISSUER and PMQ_JWT_AUDIENCE need PMQ_JWT_JWKS_URL")
         return self
 
     @model_validator(mode="after")
