@@ -44,7 +44,18 @@ class JobList(BaseModel):
 FAILURE_STATUSES = frozenset({Status.REJECTED, Status.FAILED})
 # What a retry copies from the old job: the change itself, not its idempotency key
 # (a repeated key would return the old job).
-_CHANGE_FIELDS = {"run_type", "run_id", "state", "state_name", "message", "force"}
+_CHANGE_FIELDS = {
+    "run_type",
+    "run_id",
+    "state",
+    "state_name",
+    "message",
+    "force",
+    "scheduled_time",
+    "pause_expiration_time",
+    "pause_reschedule",
+    "pause_key",
+}
 _PAGE = 500
 MAX_LIST = 1_000
 _AGO_RE = re.compile(r"^(\d{1,9})([smhd])\Z")

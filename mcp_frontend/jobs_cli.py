@@ -81,32 +81,53 @@ def submit(
     message: Annotated[str | None, typer.Option(help="State message (one change).")] = None,
     force: Annotated[bool, typer.Option(help="Skip Prefect's orchestration rules.")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Key (one change).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="State name, e.g. AwaitingRetry (one change).")
+    ] = None,
+    scheduled_time: Annotated[
+        str | None, typer.Option(help="SCHEDULED: ISO 8601 with a zone, or 10m (one change).")
+    ] = None,
+    pause_timeout: Annotated[
+        float | None, typer.Option(help="PAUSED: seconds until the pause expires.")
+    ] = None,
+    pause_expiration_time: Annotated[
+        str | None, typer.Option(help="PAUSED: when the pause expires (ISO 8601, or 10m).")
+    ] = None,
+    pause_reschedule: Annotated[
+        bool | None, typer.Option(help="PAUSED: reschedule on resume (Suspended).")
+    ] = None,
+    pause_key: Annotated[str | None, typer.Option(help="PAUSED: the pause's key.")] = None,
     client: Annotated[str, typer.Option(help="Client id the jobs belong to.")] = LOCAL_CLIENT,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue changes (from a JSON Lines file, or one from options); prints their job ids.
 
     Each line has the fields of `submit_state_changes`: run_type, run_id, state,
-    and optionally message, force, idempotency_key. Every line is checked
-    before anything is queued; one bad line queues nothing.
+    and optionally name, message, force, idempotency_key, scheduled_time,
+    pause_timeout, pause_expiration_time, pause_reschedule, pause_key. Every
+    line is checked before anything is queued; one bad line queues nothing.
     """
     settings = Settings()
+    one = {
+        "name": name,
+        "message": message,
+        "idempotency_key": idempotency_key,
+        "scheduled_time": scheduled_time,
+        "pause_timeout": pause_timeout,
+        "pause_expiration_time": pause_expiration_time,
+        "pause_reschedule": pause_reschedule,
+        "pause_key": pause_key,
+    }
     if file is not None:
-        if any(v is not None for v in (run_type, run_id, state, message, idempotency_key)):
+        if any(v is not None for v in (run_type, run_id, state, *one.values())):
             _usage("give either --file or --run-type/--run-id/--state, not both")
         text = sys.stdin.read() if str(file) == "-" else _read(file)
         changes = list(_parse_lines(text, settings))
     else:
         if run_type is None or run_id is None or state is None:
             _usage("give --file, or --run-type, --run-id and --state")
-        raw = {
-            "run_type": run_type,
-            "run_id": run_id,
-            "state": state,
-            "message": message,
-            "force": force,
-            "idempotency_key": idempotency_key,
-        }
+        raw = {"run_type": run_type, "run_id": run_id, "state": state, "force": force}
+        raw |= {field: value for field, value in one.items() if value is not None}
         changes = [_parse_change(raw, "", settings)]
     if not changes:
         _usage("no changes: the file has no lines")
@@ -334,25 +355,37 @@ def _parse_lines(text: str, settings: Settings) -> Iterable[StateChange]:
         yield _parse_change(raw, f"line {number}: ", settings)
 
 
+# The fields of `submit_state_changes` items, with the JSON type each must have.
+_TEXT_FIELDS = ("run_type", "run_id", "state")
+_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "message": (str,),
+    "idempotency_key": (str,),
+    "scheduled_time": (str,),
+    "pause_expiration_time": (str,),
+    "pause_key": (str,),
+    "force": (bool,),
+    "pause_reschedule": (bool,),
+    "pause_timeout": (int, float),
+}
+_WANTED = {str: "a string", bool: "true or false", int: "a number"}
+
+
 def _parse_change(raw: dict[str, Any], where: str, settings: Settings) -> StateChange:
-    known = {"run_type", "run_id", "state", "message", "force", "idempotency_key"}
-    if extra := sorted(set(raw) - known):
+    if extra := sorted(set(raw) - {*_TEXT_FIELDS, *_OPTIONAL}):
         _usage(f"invalid {where}{extra[0]}: unknown field; nothing was queued")
-    for name in ("run_type", "run_id", "state"):
+    for name in _TEXT_FIELDS:
         if not isinstance(raw.get(name), str):
             _usage(f"invalid {where}{name}: required, a string; nothing was queued")
-    force = raw.get("force", False)
-    if not isinstance(force, bool):
-        _usage(f"invalid {where}force: must be true or false; nothing was queued")
+    for name, kind in _OPTIONAL.items():
+        value = raw.get(name)
+        wrong_bool = isinstance(value, bool) and bool not in kind  # JSON true is no number
+        if value is not None and (wrong_bool or not isinstance(value, kind)):
+            _usage(f"invalid {where}{name}: must be {_WANTED[kind[0]]}; nothing was queued")
     try:
         return StateChange.parse(
-            run_type=raw["run_type"],
-            run_id=raw["run_id"],
-            state=raw["state"],
-            message=raw.get("message"),
-            force=force,
-            idempotency_key=raw.get("idempotency_key"),
             max_message_chars=settings.max_message_chars,
+            **{"force": False, "message": None, "idempotency_key": None, **raw},
         )
     except InvalidChange as exc:
         _usage(f"invalid {where}{exc.field}: {exc.rule}; nothing was queued")

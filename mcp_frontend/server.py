@@ -5,10 +5,11 @@ name the field and the rule; anything else is logged and reported generically.
 """
 
 import contextlib
+import importlib.metadata
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -28,6 +29,7 @@ from mcp_frontend.jobs import (
     open_job_service,
 )
 from mcp_frontend.progress import describe
+from mcp_frontend.strict_tools import RefusesUnknown, strict_tool
 from mcp_frontend.tasks import TasksExtension
 from worker.contract import (
     PENDING_STATUSES,
@@ -75,15 +77,81 @@ class TicketList(BaseModel):
     jobs: list[JobTicket]
 
 
-class ChangeIn(BaseModel):
+NameArg = Annotated[
+    str | None,
+    Field(
+        description="Optional state name: Prefect's (AwaitingRetry, Late, Retrying, Suspended, "
+        "Cancelling, ...; each with its own type) or a custom one, up to 64 characters."
+    ),
+]
+ScheduledTimeArg = Annotated[
+    str | None,
+    Field(
+        description="SCHEDULED only: when the run is due, ISO 8601 with a zone or relative "
+        "(90s, 10m, 2h, 1d); stored as UTC at acceptance."
+    ),
+]
+PauseTimeoutArg = Annotated[
+    float | None,
+    Field(
+        strict=True,
+        description="PAUSED only: seconds until the pause expires (or pause_expiration_time).",
+    ),
+]
+PauseExpirationArg = Annotated[
+    str | None,
+    Field(
+        description="PAUSED only: when the pause expires, ISO 8601 with a zone or relative "
+        "(10m); must be in the future."
+    ),
+]
+PauseRescheduleArg = Annotated[
+    bool | None,
+    Field(
+        strict=True,
+        description="PAUSED only: release the run's infrastructure and reschedule it on resume "
+        "(what the name Suspended means; flow runs with a deployment).",
+    ),
+]
+PauseKeyArg = Annotated[
+    str | None, Field(description="PAUSED only: a key that makes the pause fire once per run.")
+]
+
+
+# A state-change tool's arguments that make up the change (all but the run id).
+CHANGE_ARGS = frozenset(
+    {
+        "state",
+        "name",
+        "message",
+        "force",
+        "idempotency_key",
+        "scheduled_time",
+        "pause_timeout",
+        "pause_expiration_time",
+        "pause_reschedule",
+        "pause_key",
+    }
+)
+
+
+class ChangeIn(RefusesUnknown):
     """One change in a `submit_state_changes` batch."""
+
+    unknown_outcome: ClassVar[str] = "nothing was queued"
 
     run_type: str = Field(description="'task' or 'flow'.")
     run_id: str = Field(description="UUID of the task run or flow run.")
     state: StateArg
+    name: NameArg = None
     message: MessageArg = None
     force: ForceArg = False
     idempotency_key: IdempotencyArg = None
+    scheduled_time: ScheduledTimeArg = None
+    pause_timeout: PauseTimeoutArg = None
+    pause_expiration_time: PauseExpirationArg = None
+    pause_reschedule: PauseRescheduleArg = None
+    pause_key: PauseKeyArg = None
 
 
 _SUBMIT = ToolAnnotations(
@@ -115,78 +183,58 @@ def build_server(
         async with open_job_service(settings) as service:
             yield service
 
-    mcp = MCPServer(
-        "prefect-mcp-queue",
-        instructions=(
-            "Queue state changes for Prefect task runs and flow runs. State-change tools answer "
-            "at once with a job id; poll get_job (wait_s long-polls) for Prefect's answer."
-        ),
-        lifespan=lifespan,
-        extensions=[
-            TasksExtension(
-                result_ttl_s=settings.result_ttl_s,
-                job_deadline_s=settings.job_deadline_s,
-                token_required=token_required,
-            )
-        ],
-        **_auth_options(auth, public_url),
-    )
-
-    async def submit_one(
-        ctx: Ctx,
-        run_type: RunType,
-        run_id: str,
-        state: str,
-        message: str | None,
-        force: bool,
-        idempotency_key: str | None,
-    ) -> JobTicket:
+    async def submit_one(ctx: Ctx, run_type: RunType, run_id: str, **change: Any) -> JobTicket:
         client = allowed(Right.SUBMIT, f"set_{run_type.value}_run_state")
-        change = _parse(
+        parsed = _parse(
             "",
             run_type=run_type.value,
             run_id=run_id,
-            state=state,
-            message=message,
-            force=force,
-            idempotency_key=idempotency_key,
             max_message_chars=settings.max_message_chars,
             run_id_field=f"{run_type.value}_run_id",
+            **change,
         )
         tickets = await _guard(
-            ctx.request_context.lifespan_context.submit([change], client), submit=True
+            ctx.request_context.lifespan_context.submit([parsed], client), submit=True
         )
         return tickets[0]
 
-    @mcp.tool(annotations=_SUBMIT)
     async def set_task_run_state(
         task_run_id: Annotated[str, Field(description="UUID of the Prefect task run.")],
         state: StateArg,
         ctx: Ctx,
+        name: NameArg = None,
         message: MessageArg = None,
         force: ForceArg = False,
         idempotency_key: IdempotencyArg = None,
+        scheduled_time: ScheduledTimeArg = None,
+        pause_timeout: PauseTimeoutArg = None,
+        pause_expiration_time: PauseExpirationArg = None,
+        pause_reschedule: PauseRescheduleArg = None,
+        pause_key: PauseKeyArg = None,
     ) -> JobTicket:
-        """Queue a state change for a Prefect task run; answers at once with a job ticket."""
-        return await submit_one(
-            ctx, RunType.TASK, task_run_id, state, message, force, idempotency_key
-        )
+        change = {name: value for name, value in locals().items() if name in CHANGE_ARGS}
+        return await submit_one(ctx, RunType.TASK, task_run_id, **change)
 
-    @mcp.tool(annotations=_SUBMIT)
     async def set_flow_run_state(
         flow_run_id: Annotated[str, Field(description="UUID of the Prefect flow run.")],
         state: StateArg,
         ctx: Ctx,
+        name: NameArg = None,
         message: MessageArg = None,
         force: ForceArg = False,
         idempotency_key: IdempotencyArg = None,
+        scheduled_time: ScheduledTimeArg = None,
+        pause_timeout: PauseTimeoutArg = None,
+        pause_expiration_time: PauseExpirationArg = None,
+        pause_reschedule: PauseRescheduleArg = None,
+        pause_key: PauseKeyArg = None,
     ) -> JobTicket:
-        """Queue a state change for a Prefect flow run; answers at once with a job ticket."""
-        return await submit_one(
-            ctx, RunType.FLOW, flow_run_id, state, message, force, idempotency_key
-        )
+        change = {name: value for name, value in locals().items() if name in CHANGE_ARGS}
+        return await submit_one(ctx, RunType.FLOW, flow_run_id, **change)
 
-    @mcp.tool(annotations=_SUBMIT)
+    set_task_run_state.__doc__ = _state_change_doc("task")
+    set_flow_run_state.__doc__ = _state_change_doc("flow")
+
     async def submit_state_changes(
         changes: Annotated[
             list[ChangeIn],
@@ -204,13 +252,8 @@ def build_server(
         parsed = [
             _parse(
                 f"changes[{index}].",
-                run_type=item.run_type,
-                run_id=item.run_id,
-                state=item.state,
-                message=item.message,
-                force=item.force,
-                idempotency_key=item.idempotency_key,
                 max_message_chars=settings.max_message_chars,
+                **item.model_dump(),
             )
             for index, item in enumerate(changes)
         ]
@@ -221,7 +264,6 @@ def build_server(
         )
         return TicketList(jobs=tickets)
 
-    @mcp.tool(annotations=_READ)
     async def get_job(
         job_id: JobIdArg,
         ctx: Ctx,
@@ -247,7 +289,6 @@ def build_server(
             return await _guard(service.wait(job_id, wait_s, client, on_change))
         return await _guard(service.get(job_id, client))
 
-    @mcp.tool(annotations=_READ)
     async def get_jobs(
         job_ids: Annotated[
             list[str], Field(min_length=1, max_length=MAX_JOB_IDS, description="Job ids.")
@@ -262,7 +303,6 @@ def build_server(
             jobs=await _guard(ctx.request_context.lifespan_context.get_many(job_ids, client))
         )
 
-    @mcp.tool(annotations=_READ)
     async def list_jobs(
         ctx: Ctx,
         status: Annotated[
@@ -291,22 +331,65 @@ def build_server(
         records = await _guard(ctx.request_context.lifespan_context.find(query))
         return JobList(jobs=[JobStatus.of(record) for record in records])
 
-    @mcp.tool(annotations=_CANCEL)
     async def cancel_job(job_id: JobIdArg, ctx: Ctx) -> JobStatus:
         """Cancel a job that has not started (queued or waiting); it will never be applied."""
         client = allowed(Right.CANCEL, "cancel_job")
         _check_job_id(job_id, "job_id")
         return await _guard(ctx.request_context.lifespan_context.cancel(job_id, client))
 
+    queued = "nothing was queued"
+    tools = [
+        strict_tool(set_task_run_state, annotations=_SUBMIT, outcome=queued),
+        strict_tool(set_flow_run_state, annotations=_SUBMIT, outcome=queued),
+        strict_tool(submit_state_changes, annotations=_SUBMIT, outcome=queued),
+        strict_tool(get_job, annotations=_READ),
+        strict_tool(get_jobs, annotations=_READ),
+        strict_tool(list_jobs, annotations=_READ),
+        strict_tool(cancel_job, annotations=_CANCEL, outcome="nothing was cancelled"),
+    ]
     if settings.bench_noop_tool:
 
-        @mcp.tool(annotations=_READ)
         async def noop() -> JobList:
             """Does nothing: the MCP transport's own cost, for bench/b1_caller_latency.py."""
             allowed(Right.READ, "noop")
             return JobList(jobs=[])
 
+        tools.append(strict_tool(noop, annotations=_READ))
+
+    mcp = MCPServer(
+        "prefect-mcp-queue",
+        version=importlib.metadata.version("prefect-mcp-queue"),
+        instructions=(
+            "Queue state changes for Prefect task runs and flow runs. State-change tools answer "
+            "at once with a job id; poll get_job (wait_s long-polls) for Prefect's answer."
+        ),
+        lifespan=lifespan,
+        tools=tools,
+        extensions=[
+            TasksExtension(
+                result_ttl_s=settings.result_ttl_s,
+                job_deadline_s=settings.job_deadline_s,
+                token_required=token_required,
+            )
+        ],
+        **_auth_options(auth, public_url),
+    )
+
     return mcp
+
+
+def _state_change_doc(kind: str) -> str:
+    """The state-change tools' description: what an agent can ask for, one line each."""
+    return f"""Queue a state change for a Prefect {kind} run; answers at once with a job ticket.
+
+Besides a plain state type (state=RUNNING, COMPLETED, ...):
+- retry later: state=SCHEDULED, name=AwaitingRetry, scheduled_time=10m
+- reschedule: state=SCHEDULED, scheduled_time=2026-12-24T09:00:00Z (flow runs need a deployment)
+- mark late: state=SCHEDULED, name=Late
+- pause until: state=PAUSED, pause_expiration_time=2026-12-03T14:00:00Z (or pause_timeout=600)
+- suspend: state=PAUSED, name=Suspended (releases infrastructure; flow runs with a deployment)
+- cancel properly: state=CANCELLING, name=Cancelling (the run's worker tears down)
+Unknown arguments are refused."""
 
 
 def _wants_progress(ctx: Ctx) -> bool:

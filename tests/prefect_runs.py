@@ -19,6 +19,7 @@ class PrefectRuns:
     def __init__(self, api_url: str) -> None:
         self.http = httpx.AsyncClient(base_url=api_url, timeout=30)
         self._flow_id: str | None = None
+        self._deployment_id: str | None = None
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -51,6 +52,21 @@ class PrefectRuns:
                 "state": state_body,
             },
         )
+        return str(run["id"])
+
+    async def deployment_flow_run(self, state: str = "RUNNING") -> str:
+        """A flow run of a deployment: Prefect reschedules and suspends only those."""
+        if self._deployment_id is None:
+            deployment = await self._post(
+                "/deployments/", {"name": "pmq-tests", "flow_id": await self.flow_id()}
+            )
+            self._deployment_id = str(deployment["id"])
+        run = await self._post(
+            f"/deployments/{self._deployment_id}/create_flow_run",
+            {"name": f"d-{uuid.uuid4().hex[:8]}", "state": {"type": "PENDING"}},
+        )
+        if state != "PENDING":
+            await self.set_state("flow", str(run["id"]), state)
         return str(run["id"])
 
     async def task_run(self, flow_run_id: str | None = None, state: str = "PENDING") -> str:

@@ -2,8 +2,9 @@
 
 Hypothesis generates over 10,000 argument sets across the six tools: well-formed
 calls, calls with one thing wrong (a near-miss UUID, an unknown state, a wrong
-type, a missing or extra field, a too-long or non-text message, a bad key or job
-id, an empty or oversized batch) and arbitrary JSON in any argument.
+type, a missing or undeclared field, a too-long or non-text message, a bad key or
+job id, an empty or oversized batch, a state name or detail that breaks its rule
+or does not fit the state) and arbitrary JSON in any argument.
 
 Every answer is checked against the documented rules and a model of the jobs
 queued so far, not against the server's own code:
@@ -25,6 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -72,6 +74,34 @@ STATES = frozenset(
     "SCHEDULED PENDING RUNNING COMPLETED FAILED CANCELLED CRASHED PAUSED CANCELLING".split()
 )
 KEY_RULE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Prefect's well-known state names and their types (README, "What an agent can ask for").
+NAMED = {
+    "Scheduled": "SCHEDULED",
+    "Late": "SCHEDULED",
+    "AwaitingRetry": "SCHEDULED",
+    "AwaitingConcurrencySlot": "SCHEDULED",
+    "Pending": "PENDING",
+    "Submitting": "PENDING",
+    "InfrastructurePending": "PENDING",
+    "Running": "RUNNING",
+    "Retrying": "RUNNING",
+    "Completed": "COMPLETED",
+    "Cached": "COMPLETED",
+    "Failed": "FAILED",
+    "TimedOut": "FAILED",
+    "Cancelled": "CANCELLED",
+    "Crashed": "CRASHED",
+    "Paused": "PAUSED",
+    "Suspended": "PAUSED",
+    "Cancelling": "CANCELLING",
+}
+FOLDED_NAMES = {name.casefold(): name for name in NAMED}
+RELATIVE_RULE = re.compile(r"[0-9]{1,9}[smhd]")
+UNIT_S = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+MAX_AHEAD = timedelta(days=3_660)
+PAUSE_FIELDS = ("pause_timeout", "pause_expiration_time", "pause_reschedule", "pause_key")
+DETAIL_FIELDS = ("name", "scheduled_time", *PAUSE_FIELDS)
+CHANGE_FIELDS = frozenset({"state", "message", "force", "idempotency_key", *DETAIL_FIELDS})
 JOB_ID_RULE = re.compile(r"[0-9a-f]{32}")
 # The textual forms of a UUID: hyphenated or 32 hex digits, optionally in braces or a URN.
 UUID_RULE = re.compile(
@@ -108,9 +138,11 @@ def change_faults(
 ) -> set[Loc]:
     """The fields of one change that break a rule; absent optional fields are fine.
 
-    Only batch items carry `run_type`; the single-change tools ignore unknown arguments.
+    Only batch items carry `run_type`; any name a change does not declare is refused.
     """
     wrong = []
+    known = CHANGE_FIELDS | {id_field} | ({"run_type"} if batch else set())
+    wrong += [name for name in change if name not in known]
     if batch and change.get("run_type") not in ("task", "flow"):
         wrong.append("run_type")
     if canonical_run_id(change.get(id_field)) is None:
@@ -127,23 +159,111 @@ def change_faults(
     key = change.get("idempotency_key")
     if key is not None and not (isinstance(key, str) and KEY_RULE.fullmatch(key)):
         wrong.append("idempotency_key")
-    return {(*at, name) for name in wrong}
+    wrong += detail_faults(change, canonical_state(change.get("state")))
+    # As the error text will spell them: pydantic joins a location with dots, so an
+    # undeclared name like "0" or "a.b" reads back as the blame parser reads it.
+    return {loc_of(".".join(str(part) for part in (*at, name))) for name in wrong}
+
+
+def detail_faults(change: Args, state: str | None) -> list[str]:
+    """The state-detail fields at fault. A rule that pairs a field with the state is
+    only judged when the state itself is valid (the server stops at a bad state)."""
+    now = datetime.now(UTC)
+    wrong = []
+    name = change.get("name")
+    if name is not None:
+        folded = FOLDED_NAMES.get(name.strip().casefold()) if isinstance(name, str) else None
+        if not (isinstance(name, str) and name.strip() and len(name) <= 64) or any(
+            ord(c) < 0x20 or ord(c) == 0x7F for c in name
+        ):
+            wrong.append("name")
+        elif state is not None and folded is not None and NAMED[folded] != state:
+            wrong.append("name")
+    scheduled = change.get("scheduled_time")
+    if scheduled is not None:
+        when = when_of(scheduled, now)
+        if when is None or (state is not None and state != "SCHEDULED"):
+            wrong.append("scheduled_time")
+    pause = {field: change.get(field) for field in PAUSE_FIELDS}
+    if state is not None and state != "PAUSED":
+        wrong += [field for field, value in pause.items() if value is not None]
+    timeout, expiry = pause["pause_timeout"], pause["pause_expiration_time"]
+    if timeout is not None and not (
+        isinstance(timeout, int | float)
+        and not isinstance(timeout, bool)
+        and 0 < timeout <= MAX_AHEAD.total_seconds()
+    ):
+        wrong.append("pause_timeout")
+    if timeout is not None and expiry is not None:
+        wrong.append("pause_timeout")
+    if expiry is not None and ((when := when_of(expiry, now)) is None or when <= now):
+        wrong.append("pause_expiration_time")
+    reschedule = pause["pause_reschedule"]
+    if reschedule is not None and not isinstance(reschedule, bool):
+        wrong.append("pause_reschedule")
+    suspended = isinstance(name, str) and FOLDED_NAMES.get(name.strip().casefold()) == "Suspended"
+    if reschedule is False and suspended:
+        wrong.append("pause_reschedule")
+    key = pause["pause_key"]
+    if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 64):
+        wrong.append("pause_key")
+    return wrong
+
+
+def when_of(value: Any, now: datetime) -> datetime | None:
+    """The UTC time a documented time value means, or None if it breaks the rule."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if RELATIVE_RULE.fullmatch(text):
+        when = now + timedelta(seconds=int(text[:-1]) * UNIT_S[text[-1]])
+    else:
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            return None
+    return when.astimezone(UTC) if when - now <= MAX_AHEAD else None
 
 
 def identity(change: Args) -> tuple[Any, ...]:
-    """What a repeated idempotency key must match to count as the same change."""
+    """What a repeated idempotency key must match to count as the same change.
+
+    Times count as asked: a relative one as written, an absolute one as its instant.
+    """
+    name = change.get("name")
+    canonical = FOLDED_NAMES.get(name.strip().casefold(), name) if name is not None else None
     return (
         change["run_type"],
         canonical_run_id(change["run_id"]),
         canonical_state(change["state"]),
         change.get("message"),
         change.get("force", False),
+        canonical,
+        asked(change.get("scheduled_time")),
+        asked(change.get("pause_timeout") or change.get("pause_expiration_time")),
+        bool(change.get("pause_reschedule")) or canonical == "Suspended",
+        change.get("pause_key"),
     )
+
+
+def asked(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return ("in", float(value))  # seconds: the tool's number type makes 60 and 60.0 one
+    if RELATIVE_RULE.fullmatch(value.strip()):
+        return ("in", value)
+    return ("at", datetime.fromisoformat(value.strip()).astimezone(UTC))
 
 
 def loc_of(text: str) -> Loc:
     """`changes[3].run_id` (the server's spelling) or `changes.3.run_id` (pydantic's)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", text))
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", text)]
+    if text.endswith("."):
+        parts.append("")  # an undeclared empty name: pydantic prints `changes.0.`
+    return tuple(parts)
 
 
 def blame(tool: str, text: str) -> tuple[str, set[Loc]]:
@@ -158,13 +278,19 @@ def blame(tool: str, text: str) -> tuple[str, set[Loc]]:
         return "invalid", {loc_of(match[1])}
     if match := re.match(r"\d+ validation errors? for \w+\n", reason):
         # pydantic: one unindented line per error with its location, details indented.
-        lines = reason[match.end() :].splitlines()
+        # split("\n"), not splitlines(): a name may hold \x1e and such, which it splits at.
+        lines = reason[match.end() :].split("\n")
         return "schema", {loc_of(line) for line in lines if line and not line[0].isspace()}
     if match := re.fullmatch(
         r"unknown job_id ([0-9a-f]{32}): no such job, or its record expired", reason
     ):
         return "unknown", {(match[1],)}
     raise AssertionError(f"{tool}: unclear error {text!r}")
+
+
+def undeclared(args: Args, declared: set[str]) -> set[Loc]:
+    """Arguments a tool does not declare: every tool refuses them."""
+    return {(name,) for name in args if name not in declared}
 
 
 def wait_faults(args: Args) -> tuple[set[Loc], set[Loc]]:
@@ -239,7 +365,7 @@ class Fuzzer:
 
     def submit_batch(self, args: Args) -> None:
         changes = args.get("changes")
-        faults: set[Loc] = set()
+        faults = undeclared(args, {"changes"})
         items: list[tuple[Loc, Args]] = []
         if not isinstance(changes, list):
             faults.add(("changes",))
@@ -318,14 +444,16 @@ class Fuzzer:
 
     def get_job(self, args: Args) -> None:
         faults, maybe = wait_faults(args)
-        self.read("get_job", args, faults | self.job_id_faults(args), maybe)
+        faults |= self.job_id_faults(args) | undeclared(args, {"job_id", "wait_s"})
+        self.read("get_job", args, faults, maybe)
 
     def cancel_job(self, args: Args) -> None:
-        self.read("cancel_job", args, self.job_id_faults(args), set())
+        faults = self.job_id_faults(args) | undeclared(args, {"job_id"})
+        self.read("cancel_job", args, faults, set())
 
     def get_jobs(self, args: Args) -> None:
         ids = args.get("job_ids")
-        faults: set[Loc] = set()
+        faults: set[Loc] = undeclared(args, {"job_ids"})
         if not isinstance(ids, list):
             faults.add(("job_ids",))
         else:
@@ -392,11 +520,14 @@ json_scalars = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=12),
 )
+# Any text but what pydantic or the blame parser give a meaning in a location: a
+# newline ends the line, and `.`, `[`, `]` and backquotes are separators or quoting.
+junk_keys = st.text(
+    st.characters(exclude_characters="\n.[]`", exclude_categories=["Cs"]), max_size=6
+)
 junk = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(junk_keys, inner, max_size=3),
     max_leaves=6,
 )
 wrong_types = st.sampled_from([None, 0, 1, 7, 1.5, True, "", [], {}, {"a": 1}, ["x"]])
@@ -475,12 +606,46 @@ bad_key = st.one_of(
     wrong_types.filter(lambda v: v is not None),
 )
 
+CUSTOM_NAMES = ["WaitingForApproval", "step 2 of 3", "x" * 64, "Ünïcode"]
+good_name = st.one_of(
+    st.none(),
+    st.sampled_from(CUSTOM_NAMES),
+    st.sampled_from(sorted(NAMED)).flatmap(lambda n: st.sampled_from([n, n.lower(), f" {n}"])),
+)
+bad_name = st.one_of(
+    st.sampled_from(["", "   ", "x" * 65, "a\nb", "nul\x00", "del\x7f"]),
+    wrong_types.filter(lambda v: v is not None and v != ""),
+)
+# Fixed instants well inside the 10-year window (until 2036), and well past ones.
+good_time = st.one_of(
+    st.none(),
+    st.sampled_from(["10m", "90s", "2h", "1d", " 5m ", "0s", "2030-06-01T09:00:00Z"]),
+    st.sampled_from(["2030-06-01T09:00:00+02:00", "2031-01-01T00:00:00.123456-05:00"]),
+)
+bad_time = st.one_of(
+    st.sampled_from(["tomorrow", "10w", "2026-12-24T09:00:00", "99999d", "1.5m", "\u0663m"]),
+    st.sampled_from(["2099-01-01T00:00:00Z", "", "10 m", "m10"]),
+    wrong_types.filter(lambda v: v is not None and v != ""),
+)
+good_pause_timeout = st.none() | st.integers(1, 10**6) | st.floats(0.001, 1e6)
+bad_pause_timeout = st.sampled_from([0, -1, -0.5, True, "60", 1e12, [], {}])
+good_pause_expiry = st.none() | st.sampled_from(["10m", "1h", "2030-06-01T09:00:00Z"])
+bad_pause_expiry = st.sampled_from(["0s", "2020-01-01T00:00:00Z", "soon", "5", 5, True])
+good_pause_key = st.none() | st.text(min_size=1, max_size=64)
+bad_pause_key = st.sampled_from(["", "k" * 65, 7, [], {}, True])
+
 GOOD: dict[str, st.SearchStrategy[Any]] = {
     "run_type": st.sampled_from(["task", "flow"]),
     "state": good_state,
     "message": good_message,
     "force": st.booleans(),
     "idempotency_key": good_key,
+    "name": good_name,
+    "scheduled_time": good_time,
+    "pause_timeout": good_pause_timeout,
+    "pause_expiration_time": good_pause_expiry,
+    "pause_reschedule": st.none() | st.booleans(),
+    "pause_key": good_pause_key,
 }
 BAD: dict[str, st.SearchStrategy[Any]] = {
     "run_type": st.sampled_from(["TASK", "Task", "job", "", " task"]) | wrong_types,
@@ -488,8 +653,33 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
     "message": bad_message,
     "force": st.sampled_from([0, 1, "true", "false", None, [], {}]),
     "idempotency_key": bad_key,
+    "name": bad_name,
+    "scheduled_time": bad_time,
+    "pause_timeout": bad_pause_timeout,
+    "pause_expiration_time": bad_pause_expiry,
+    "pause_reschedule": st.sampled_from([0, 1, "true", [], {}]),
+    "pause_key": bad_pause_key,
 }
-OPTIONAL = ("message", "force", "idempotency_key")
+OPTIONAL = ("message", "force", "idempotency_key", *DETAIL_FIELDS)
+
+
+@st.composite
+def details_for(draw: st.DrawFn, state: str) -> Args:
+    """State details that fit `state` (as the operations in the README use them)."""
+    kind = canonical_state(state)
+    fitting = [n for n, t in NAMED.items() if t == kind] + CUSTOM_NAMES
+    details: Args = {"name": draw(st.sampled_from(fitting))}
+    if kind == "SCHEDULED":
+        details["scheduled_time"] = draw(good_time)
+    elif kind == "PAUSED":
+        if draw(st.booleans()):
+            details["pause_timeout"] = draw(good_pause_timeout)
+        else:
+            details["pause_expiration_time"] = draw(good_pause_expiry)
+        details["pause_key"] = draw(good_pause_key)
+        if details["name"] != "Suspended":
+            details["pause_reschedule"] = draw(st.none() | st.booleans())
+    return details
 
 
 def mutated(
@@ -541,7 +731,10 @@ def change_args(draw: st.DrawFn, id_field: str, *, batch: bool = False, shape: s
         del good["run_type"], bad["run_type"]
     required = [name for name in good if name not in OPTIONAL]
     args = {name: draw(good[name]) for name in required}
-    args |= {name: draw(good[name]) for name in OPTIONAL if draw(st.booleans())}
+    plain = [name for name in OPTIONAL if name not in DETAIL_FIELDS]
+    args |= {name: draw(good[name]) for name in plain if draw(st.booleans())}
+    if not draw(st.integers(0, 2)):  # a third of changes carry state details
+        args |= draw(details_for(args["state"]))
     shape = shape or draw(st.sampled_from(SHAPES))
     return mutated(draw, shape, args, good, bad, nullable=True, extras=True)
 
@@ -716,6 +909,22 @@ def test_fuzz_every_tool(stack: Stack) -> None:
     check_store(stack, fuzzer)
 
 
+def check_time(stored: datetime | None, asked: Any, accepted: datetime) -> None:
+    """A stored time is UTC: the instant asked for, or acceptance plus the delay asked."""
+    if asked is None:
+        assert stored is None
+        return
+    assert stored is not None and stored.utcoffset() == timedelta(0), stored
+    how, value = asked
+    if how == "at":
+        assert stored == value, (stored, value)
+        return
+    text = str(value).strip()
+    seconds = value if isinstance(value, float) else int(text[:-1]) * UNIT_S[text[-1]]
+    # Accepted a moment before the record's enqueued_at was taken: allow a second.
+    assert abs((stored - accepted).total_seconds() - seconds) < 1.0, (stored, accepted, asked)
+
+
 def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
     """Every key is one the accepted jobs explain, and every record is valid."""
     redis = stack.redis
@@ -772,6 +981,14 @@ def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
         got = (record.run_type.value, record.run_id, record.state.value, record.status.value)
         assert got == (job.run_type, job.run_id, job.state, job.status), record
         stored = (record.run_type, record.run_id, record.state, record.message, record.force)
-        assert stored == job.identity, record
+        assert stored == job.identity[:5], record
+        name, scheduled, pause, reschedule, pause_key = job.identity[5:]
+        assert (record.state_name, record.pause_reschedule, record.pause_key) == (
+            name,
+            reschedule,
+            pause_key,
+        ), record
+        check_time(record.scheduled_time, scheduled, record.enqueued_at)
+        check_time(record.pause_expiration_time, pause, record.enqueued_at)
         assert record.idempotency_key is None or KEY_RULE.fullmatch(record.idempotency_key)
         assert record.message is None or len(record.message) <= fuzzer.max_message

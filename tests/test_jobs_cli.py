@@ -160,3 +160,47 @@ async def test_list_jobs_tool_sees_only_the_callers_jobs(
         assert "invalid status: must be one of" in bad, bad
         bad_since = await error(client, "list_jobs", since="yesterday")
         assert "invalid since: must be like 15m" in bad_since, bad_since
+
+
+async def test_named_states_with_details_from_a_file_and_from_options(
+    worked_stack: Stack, prefect: PrefectRuns, tmp_path: Path
+) -> None:
+    flow_run = await prefect.deployment_flow_run("RUNNING")
+    task_run = await prefect.task_run(await prefect.flow_run("RUNNING"), state="RUNNING")
+    retry = {
+        "run_type": "task",
+        "run_id": task_run,
+        "state": "SCHEDULED",
+        "name": "AwaitingRetry",
+        "scheduled_time": "2m",
+    }
+    from_file = pmq_jobs(worked_stack, "submit", "--file", str(_jsonl(tmp_path, [retry])))
+    from_options = pmq_jobs(
+        worked_stack,
+        "submit",
+        "--run-type",
+        "flow",
+        "--run-id",
+        flow_run,
+        "--state",
+        "paused",
+        "--name",
+        "Suspended",
+        "--pause-timeout",
+        "600",
+    )
+    job_ids = [*from_file.stdout.split(), *from_options.stdout.split()]
+    assert len(job_ids) == 2, (from_file, from_options)
+    waited = pmq_jobs(worked_stack, "wait", *job_ids, "--json")
+    jobs = json.loads(waited.stdout)
+    assert [job["status"] for job in jobs] == ["applied", "applied"], jobs
+    assert [job["state_name"] for job in jobs] == ["AwaitingRetry", "Suspended"]
+    task_state = await prefect.state("task", task_run)
+    assert (task_state["type"], task_state["name"]) == ("SCHEDULED", "AwaitingRetry")
+    flow_state = await prefect.state("flow", flow_run)
+    assert flow_state["name"] == "Suspended" and flow_state["state_details"]["pause_reschedule"]
+    bad = pmq_jobs(
+        worked_stack, "submit", "--file", str(_jsonl(tmp_path, [{**retry, "scheduled_time": 5}]))
+    )
+    assert bad.returncode == 2
+    assert "invalid line 1: scheduled_time: must be a string; nothing was queued" in bad.stderr

@@ -21,6 +21,20 @@ async def _apply_one(client: Client, prefect: PrefectRuns) -> None:
     job = await wait_terminal(client, ticket["job_id"])
     assert job["status"] == "applied", job
     assert (await prefect.state("task", task_run))["type"] == "RUNNING"
+    # A named state with its details, on the same transport.
+    ticket = await ok(
+        client,
+        "set_task_run_state",
+        task_run_id=task_run,
+        state="SCHEDULED",
+        name="AwaitingRetry",
+        scheduled_time="1m",
+    )
+    job = await wait_terminal(client, ticket["job_id"])
+    assert job["status"] == "applied", job
+    current = await prefect.state("task", task_run)
+    assert (current["type"], current["name"]) == ("SCHEDULED", "AwaitingRetry")
+    assert current["state_details"]["scheduled_time"] is not None
 
 
 async def test_streamable_http_end_to_end(stack: Stack, prefect: PrefectRuns) -> None:

@@ -93,6 +93,7 @@ def classify_answer(body: dict[str, Any]) -> Outcome:
         status=status,
         state_type=state.get("type"),
         state_name=state.get("name"),
+        scheduled_time=(state.get("state_details") or {}).get("scheduled_time"),
         reason=details.get("reason"),
     )
     if status == "ACCEPT":
@@ -301,7 +302,13 @@ class PrefectApplier:
             type=record.state.value,
             name=record.state_name,
             message=record.message,
-            state_details=StateDetails(transition_id=UUID(record.transition_id)),
+            state_details=StateDetails(
+                transition_id=UUID(record.transition_id),
+                scheduled_time=record.scheduled_time,
+                pause_timeout=record.pause_expiration_time,  # Prefect's name for the expiry
+                pause_reschedule=record.pause_reschedule,
+                pause_key=record.pause_key,
+            ),
         )
         response = await self._send(
             "POST",

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 # arq function name of the one job this project runs.
 APPLY_STATE_CHANGE = "apply_state_change"
@@ -119,6 +119,9 @@ class Orchestration(BaseModel):
     status: str = Field(description="ACCEPT, REJECT, ABORT or WAIT.")
     state_type: str | None = Field(None, description="Type of the state the run now has.")
     state_name: str | None = Field(None, description="Name of the state the run now has.")
+    scheduled_time: datetime | None = Field(
+        None, description="When the run is scheduled, if its state is SCHEDULED."
+    )
     reason: str | None = Field(None, description="Why Prefect rejected, aborted or delayed.")
 
 
@@ -178,6 +181,13 @@ class StateChange(BaseModel):
     message: str | None = None
     force: bool = False
     idempotency_key: str | None = None
+    # State details (worker.state_details), absolute UTC times.
+    scheduled_time: datetime | None = None
+    pause_expiration_time: datetime | None = None
+    pause_reschedule: bool = False
+    pause_key: str | None = None
+    # The times as asked (a relative `10m` stays so), for identity(); unset on records.
+    _asked_times: list[str | None] | None = PrivateAttr(default=None)
 
     @classmethod
     def parse(
@@ -191,8 +201,21 @@ class StateChange(BaseModel):
         idempotency_key: str | None,
         max_message_chars: int,
         run_id_field: str = "run_id",
+        name: str | None = None,
+        scheduled_time: str | None = None,
+        pause_timeout: float | None = None,
+        pause_expiration_time: str | None = None,
+        pause_reschedule: bool | None = None,
+        pause_key: str | None = None,
+        now: datetime | None = None,
     ) -> StateChange:
-        """Validate raw tool arguments; raise `InvalidChange` naming the field and rule."""
+        """Validate raw tool arguments; raise `InvalidChange` naming the field and rule.
+
+        Relative times (`10m`) count from `now`, the moment of acceptance.
+        """
+        # Imported here: worker.state_details builds on this module's types.
+        from worker.state_details import as_asked, canonical_name, parse_when, pause_expiry
+
         try:
             kind = RunType(run_type)
         except ValueError:
@@ -217,23 +240,78 @@ class StateChange(BaseModel):
                 "idempotency_key",
                 "must be 1-128 characters of letters, digits and . _ : -",
             )
-        return cls(
+        now = now or utcnow()
+        state_name = canonical_name(name, state_type) if name is not None else None
+        when = None
+        if scheduled_time is not None:
+            _only_for(state_type, StateType.SCHEDULED, "scheduled_time")
+            when = parse_when(scheduled_time, "scheduled_time", now)
+        pause_fields = {
+            "pause_timeout": pause_timeout,
+            "pause_expiration_time": pause_expiration_time,
+            "pause_reschedule": pause_reschedule,
+            "pause_key": pause_key,
+        }
+        for field, value in pause_fields.items():
+            if value is not None:
+                _only_for(state_type, StateType.PAUSED, field)
+        if state_name == "Suspended" and pause_reschedule is False:
+            raise InvalidChange(
+                "pause_reschedule", "a Suspended run is always rescheduled (Prefect's meaning)"
+            )
+        if pause_key is not None and not (0 < len(pause_key) <= MAX_PAUSE_KEY_CHARS):
+            raise InvalidChange("pause_key", f"must be 1-{MAX_PAUSE_KEY_CHARS} characters")
+        change = cls(
             run_type=kind,
             run_id=canonical_id,
             state=state_type,
+            state_name=state_name,
             message=message,
             force=force,
             idempotency_key=idempotency_key,
+            scheduled_time=when,
+            pause_expiration_time=pause_expiry(pause_timeout, pause_expiration_time, now),
+            pause_reschedule=bool(pause_reschedule) or state_name == "Suspended",
+            pause_key=pause_key,
         )
+        change._asked_times = [
+            as_asked(scheduled_time, change.scheduled_time),
+            as_asked(pause_timeout or pause_expiration_time, change.pause_expiration_time),
+        ]
+        return change
 
     def identity(self) -> str:
         """What must match for a repeated idempotency key to count as the same change.
 
         A digest, not the fields: stored in every record, it stays under Redis'
         64-byte listpack limit, which keeps a pending record's hash compact.
+        Times count as asked (`10m`), not as resolved: a resend of the same
+        request a minute later is the same change, so its key finds the first job.
         """
-        fields = [self.run_type, self.run_id, self.state, self.state_name, self.message, self.force]
+        times = self._asked_times or [
+            moment.isoformat() if moment else None
+            for moment in (self.scheduled_time, self.pause_expiration_time)
+        ]
+        fields = [
+            self.run_type,
+            self.run_id,
+            self.state,
+            self.state_name,
+            self.message,
+            self.force,
+            *times,
+            self.pause_reschedule,
+            self.pause_key,
+        ]
         return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).hexdigest()
+
+
+MAX_PAUSE_KEY_CHARS = 64  # like a state name: keeps the job's Redis hash compact
+
+
+def _only_for(state: StateType, wanted: StateType, field: str) -> None:
+    if state is not wanted:
+        raise InvalidChange(field, f"applies only to state {wanted}, not {state}")
 
 
 class JobRecord(StateChange):
@@ -274,7 +352,7 @@ class JobRecord(StateChange):
     def _decode_json(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
-    @field_validator("force", "ambiguous", mode="before")
+    @field_validator("force", "ambiguous", "pause_reschedule", mode="before")
     @classmethod
     def _decode_bool(cls, value: Any) -> Any:
         return value in ("1", b"1", True) if isinstance(value, str | bytes) else value
@@ -369,6 +447,13 @@ class JobStatus(BaseModel):
     run_type: RunType
     run_id: str
     state: StateType
+    state_name: str | None = Field(None, description="The state name asked for, if any.")
+    scheduled_time: datetime | None = Field(None, description="Asked for, in UTC (SCHEDULED).")
+    pause_expiration_time: datetime | None = Field(
+        None, description="When the pause asked for ends, in UTC (PAUSED)."
+    )
+    pause_reschedule: bool = Field(False, description="Asked to reschedule on pause (PAUSED).")
+    pause_key: str | None = Field(None, description="The pause key asked for (PAUSED).")
     attempts: int = Field(description="Prefect calls made so far.")
     enqueued_at: datetime
     started_at: datetime | None
