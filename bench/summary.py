@@ -93,7 +93,8 @@ def main() -> None:
         parts.append(section(paced, "B6 paced: the queue's CPU at Prefect's pace", body))
     if b5 := load("b5_tasks"):
         body = markdown(b5["answer"], ["call", "p50_ms", "p99_ms"]) + "\n\n"
-        cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p99_ms"]
+        cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p95_ms"]
+        cols += ["lag_p99_ms", "p50_vs_long_poll"]
         body += markdown(b5["follow"], cols)
         parts.append(section(b5, "B5 MCP tasks", body))
     if not parts:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from mcp_frontend.auth import Auth, Forbidden, Right, require
+from mcp_frontend.capabilities import AdvertiseWhatExists
 from mcp_frontend.jobs import (
     MAX_LIST,
     JobList,
@@ -30,6 +31,7 @@ from mcp_frontend.jobs import (
 )
 from mcp_frontend.progress import describe
 from mcp_frontend.strict_tools import RefusesUnknown, strict_tool
+from mcp_frontend.task_listen import TaskListens
 from mcp_frontend.tasks import TasksExtension
 from worker.contract import (
     PENDING_STATUSES,
@@ -356,6 +358,7 @@ def build_server(
 
         tools.append(strict_tool(noop, annotations=_READ))
 
+    tasks = TasksExtension.from_settings(settings, token_required=token_required)
     mcp = MCPServer(
         "prefect-mcp-queue",
         version=importlib.metadata.version("prefect-mcp-queue"),
@@ -365,12 +368,12 @@ def build_server(
         ),
         lifespan=lifespan,
         tools=tools,
-        extensions=[
-            TasksExtension(
-                result_ttl_s=settings.result_ttl_s,
-                job_deadline_s=settings.job_deadline_s,
-                token_required=token_required,
-            )
+        extensions=[tasks],
+        # subscriptions/listen is a core method, which an extension cannot bind:
+        # this middleware serves the listens that ask for task ids.
+        middleware=[
+            AdvertiseWhatExists(),
+            TaskListens(tasks, max_listen_s=settings.max_wait_s),
         ],
         **_auth_options(auth, public_url),
     )

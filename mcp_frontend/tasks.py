@@ -15,12 +15,17 @@ Mapping (README, "MCP tasks"):
   `failed` for JSON-RPC errors; cancelled -> `cancelled`.
 - A completed task carries, inline, exactly what `get_job` (or `get_jobs`)
   returns for its jobs.
+
+`subscriptions/listen` for task ids (pushed `notifications/tasks`) is served by
+`mcp_frontend.task_listen`, from the same `TasksExtension.snapshot` that answers
+`tasks/get`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -39,6 +44,7 @@ from mcp_frontend.jobs import JobList, JobNotFound, JobService
 from mcp_frontend.progress import Drain, describe, poll_interval_ms
 from worker.contract import PENDING_STATUSES, Batch, JobRecord, JobStatus, Status, utcnow
 from worker.durability import NotDurable
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,11 @@ TASKS = "io.modelcontextprotocol/tasks"
 # A role without the right. JSON-RPC leaves -32000..-32099 to servers; MCP and
 # its tasks extension use -32000..-32003, -32020..-32022 and -32042 there.
 FORBIDDEN = -32030
+# The extension's own code for a client that did not declare it. The core
+# revision's is -32021 (the SDK's MISSING_REQUIRED_CLIENT_CAPABILITY); the
+# extension's text says -32003, and the extension's methods follow it.
+MISSING_CAPABILITY = -32003
+TERMINAL_TASK_STATUSES = frozenset({"completed", "failed", "cancelled"})
 SINGLE_CHANGE_TOOLS = frozenset({"set_task_run_state", "set_flow_run_state"})
 BATCH_TOOL = "submit_state_changes"
 _BATCH_PREFIX = "batch-"
@@ -64,6 +75,23 @@ class UpdateTaskParams(TaskIdParams):
     input_responses: dict[str, Any] = Field(alias="inputResponses", default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """A task as `tasks/get` answers it (without `resultType`), and the records it was read from."""
+
+    task: dict[str, Any]
+    records: list[JobRecord]
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.task["status"] in TERMINAL_TASK_STATUSES
+
+    @property
+    def job_statuses(self) -> tuple[tuple[str, Status, int], ...]:
+        """What changes when a job behind the task changes status (a retry included)."""
+        return tuple((r.job_id, r.status, r.attempts) for r in self.records)
+
+
 class TasksExtension(Extension):
     """Answers opted-in state-change calls with tasks, and serves `tasks/*`."""
 
@@ -75,6 +103,34 @@ class TasksExtension(Extension):
         self._token_required = token_required
         self._result_ttl = timedelta(seconds=result_ttl_s)
         self._pending_ttl = timedelta(seconds=job_deadline_s + result_ttl_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, token_required: bool) -> TasksExtension:
+        return cls(
+            result_ttl_s=settings.result_ttl_s,
+            job_deadline_s=settings.job_deadline_s,
+            token_required=token_required,
+        )
+
+    def caller(self, right: Right, method: str) -> str:
+        """The caller's client id if its role has `right`, else FORBIDDEN."""
+        try:
+            return require(right, method, token_required=self._token_required)
+        except Forbidden as exc:
+            raise MCPError(code=FORBIDDEN, message=str(exc)) from None
+
+    async def snapshot(self, service: JobService, task_id: str, client_id: str) -> TaskSnapshot:
+        """The task now, exactly as `tasks/get` answers it.
+
+        JobNotFound for an unknown id and for another client's alike; a Redis
+        failure is the JSON-RPC internal error.
+        """
+        if task_id.startswith(_BATCH_PREFIX):
+            batch = await store_call(service.batch(task_id, client_id))
+            records = await store_call(service.records(batch.job_ids, client_id))
+            return TaskSnapshot(await self._batch_task(service, batch, records), records)
+        (record,) = await store_call(service.records([task_id], client_id))
+        return TaskSnapshot(await self._job_task(service, record), [record])
 
     def methods(self) -> Sequence[MethodBinding]:
         # Tasks need the per-request capability envelope of 2026-07-28.
@@ -89,7 +145,7 @@ class TasksExtension(Extension):
         self, params: CallToolRequestParams, ctx: Ctx, call_next: CallNext
     ) -> HandlerResult:
         result = await call_next(ctx)
-        if not _wants_task(ctx) or params.name not in SINGLE_CHANGE_TOOLS | {BATCH_TOOL}:
+        if not declares_tasks(ctx) or params.name not in SINGLE_CHANGE_TOOLS | {BATCH_TOOL}:
             return result
         # Bad input and a full queue stay plain tool errors: there is nothing to follow.
         if not isinstance(result, CallToolResult) or result.is_error:
@@ -143,42 +199,37 @@ class TasksExtension(Extension):
         }
 
     async def _get(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
-        service = ctx.lifespan_context
-        batch, records = await _lookup(
-            service, params.task_id, "tasks/get", Right.READ, token_required=self._token_required
-        )
-        if batch is not None:
-            task = await self._batch_task(service, batch, records)
-        else:
-            task = await self._job_task(service, records[0])
-        return {"resultType": "complete", **task}
+        require_declared(ctx)
+        client = self.caller(Right.READ, "tasks/get")
+        try:
+            snapshot = await self.snapshot(ctx.lifespan_context, params.task_id, client)
+        except JobNotFound:
+            raise _not_found("tasks/get") from None
+        return {"resultType": "complete", **snapshot.task}
 
     async def _cancel(self, ctx: Ctx, params: TaskIdParams) -> dict[str, Any]:
         """Cancel what has not started; the rest finishes (the spec makes this cooperative)."""
+        require_declared(ctx)
         service = ctx.lifespan_context
         batch, records = await _lookup(
-            service,
-            params.task_id,
-            "tasks/cancel",
-            Right.CANCEL,
-            token_required=self._token_required,
+            service, params.task_id, "tasks/cancel", self.caller(Right.CANCEL, "tasks/cancel")
         )
         if batch is not None:
-            await _store_call(service.store.mark_batch_cancelled(batch))
+            await store_call(service.store.mark_batch_cancelled(batch))
         for record in records:
             if record.status in PENDING_STATUSES:
-                await _store_call(service.cancel_if_pending(record.job_id))
+                await store_call(service.cancel_if_pending(record.job_id))
         return {"resultType": "complete"}
 
     async def _update(self, ctx: Ctx, params: UpdateTaskParams) -> dict[str, Any]:
         # No task here ever asks for input, so every response is for an unknown key:
         # the spec says to ignore those, once the task is known to exist.
+        require_declared(ctx)
         await _lookup(
             ctx.lifespan_context,
             params.task_id,
             "tasks/update",
-            Right.SUBMIT,
-            token_required=self._token_required,
+            self.caller(Right.SUBMIT, "tasks/update"),
         )
         return {"resultType": "complete"}
 
@@ -188,8 +239,8 @@ class TasksExtension(Extension):
         if record.status.is_terminal:
             task["statusMessage"] = describe(record, None, now)
             return self._finish(task, record.status is Status.CANCELLED, [record], single=True)
-        progress = await _store_call(service.store.progress(record.job_id))
-        drain = await _store_call(service.drain.read())
+        progress = await store_call(service.store.progress(record.job_id))
+        drain = await store_call(service.drain.read())
         due_in = None
         if record.status is Status.WAITING and record.next_attempt_at and not record.blocked_on:
             due_in = (record.next_attempt_at - now).total_seconds()
@@ -209,7 +260,7 @@ class TasksExtension(Extension):
         done = sum(n for status, n in counts.items() if status.is_terminal)
         task["statusMessage"] = f"{done} of {len(records)} changes finished: {summary}"
         if done < len(records):
-            drain = await _store_call(service.drain.read())
+            drain = await store_call(service.drain.read())
             task["pollIntervalMs"] = poll_interval_ms(drain, jobs_ahead=drain.queued)
             return task
         cancelled = batch.cancel_requested and Status.CANCELLED in counts
@@ -256,8 +307,19 @@ def tool_result(value: BaseModel, *, is_error: bool) -> dict[str, Any]:
     return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _wants_task(ctx: Ctx) -> bool:
-    """The spec: only for a request that itself declares the extension."""
+def require_declared(ctx: Ctx) -> None:
+    """The spec (c0ca5e7): a `tasks/*` request that does not declare the extension
+    gets -32003, naming the capability it lacks."""
+    if not declares_tasks(ctx):
+        raise MCPError(
+            code=MISSING_CAPABILITY,
+            message="Missing required client capability",
+            data={"requiredCapabilities": {"extensions": {TASKS: {}}}},
+        )
+
+
+def declares_tasks(ctx: Ctx) -> bool:
+    """The spec: only a request that itself declares the extension gets its behaviour."""
     if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
         return False
     capabilities = ctx.session.client_capabilities
@@ -265,31 +327,31 @@ def _wants_task(ctx: Ctx) -> bool:
 
 
 async def _lookup(
-    service: JobService, task_id: str, method: str, right: Right, *, token_required: bool
+    service: JobService, task_id: str, method: str, client: str
 ) -> tuple[Batch | None, list[JobRecord]]:
     """The task's batch (if it is one) and its records, or the spec's -32602.
 
-    Another client's task answers exactly like an unknown one. A caller whose
-    role lacks `right` gets FORBIDDEN before anything is looked up.
+    Another client's task answers exactly like an unknown one.
     """
     try:
-        client = require(right, method, token_required=token_required)
-    except Forbidden as exc:
-        raise MCPError(code=FORBIDDEN, message=str(exc)) from None
-    try:
         if task_id.startswith(_BATCH_PREFIX):
-            batch = await _store_call(service.batch(task_id, client))
-            return batch, await _store_call(service.records(batch.job_ids, client))
-        return None, await _store_call(service.records([task_id], client))
+            batch = await store_call(service.batch(task_id, client))
+            return batch, await store_call(service.records(batch.job_ids, client))
+        return None, await store_call(service.records([task_id], client))
     except JobNotFound:
-        raise MCPError(
-            code=INVALID_PARAMS,
-            message=f"Failed to {_VERBS[method]} task: "
-            "task not found (unknown id, or expired after its TTL)",
-        ) from None
+        raise _not_found(method) from None
 
 
-async def _store_call(call: Awaitable[T]) -> T:
+def _not_found(method: str) -> MCPError:
+    return MCPError(
+        code=INVALID_PARAMS,
+        message=f"Failed to {_VERBS[method]} task: "
+        "task not found (unknown id, or expired after its TTL)",
+    )
+
+
+async def store_call(call: Awaitable[T]) -> T:
+    """`call`, with a Redis failure turned into the JSON-RPC internal error."""
     try:
         return await call
     except RedisError as exc:

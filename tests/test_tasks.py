@@ -5,7 +5,6 @@ from the spec text of revision 2026-07-28).
 """
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -14,28 +13,16 @@ from mcp import Client
 
 from tests.conftest import Stack
 from tests.prefect_runs import PrefectRuns
-from tests.tasks_client import TasksClient
+from tests.tasks_client import Frontends, TasksClient
 from tests.tasks_schema import assert_valid
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef00"
 
 
-@dataclass
-class Frontends:
-    """Three `pmq serve` replicas on one stack: two open, one behind tokens."""
-
-    url: str
-    replica_url: str
-    secured_url: str
-
-
 @pytest.fixture(scope="module")
 def frontends(worked_stack: Stack) -> Frontends:
-    _, first = worked_stack.start_frontend()
-    _, second = worked_stack.start_frontend()
-    _, secured = worked_stack.start_frontend(auth_tokens=f"{ALICE}:alice,{BOB}:bob")
-    return Frontends(*(f"http://127.0.0.1:{port}/mcp" for port in (first, second, secured)))
+    return Frontends.start(worked_stack, f"{ALICE}:alice,{BOB}:bob")
 
 
 @pytest.fixture
@@ -274,3 +261,12 @@ async def test_get_job_sends_progress_while_it_waits(
     messages = [message or "" for _, message in heard]
     assert any(m.startswith("waiting: Prefect asked to wait, next try in") for m in messages)
     assert len(messages) >= 2, messages  # the wait, and the try after it
+
+
+async def test_tasks_methods_without_the_capability_are_32003(tasks: TasksClient) -> None:
+    # The spec: a request that does not declare the extension gets the error that
+    # names it, whatever the task id.
+    for method in ("tasks/get", "tasks/cancel", "tasks/update"):
+        exchange = await tasks.request(method, {"taskId": "0" * 32}, tasks=False, name="0" * 32)
+        assert_valid("MissingRequiredClientCapabilityError", exchange.response)
+        assert exchange.error["code"] == -32003, method

@@ -312,6 +312,40 @@ CANCEL_REQUEST: Json = {
     "params": {"taskId": "786512e2-9e0d-44bd-8f29-789f320fe840"},
 }
 
+# The spec gives the listen request and its acknowledgement as TypeScript only; the core
+# revision requires the subscription id on every frame of the stream.
+SUBSCRIPTION = {"io.modelcontextprotocol/subscriptionId": 12}
+LISTEN_REQUEST: Json = {
+    "jsonrpc": "2.0",
+    "id": 12,
+    "method": "subscriptions/listen",
+    "params": {
+        "notifications": {"taskIds": ["786512e2-9e0d-44bd-8f29-789f320fe840"]},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {
+                "extensions": {"io.modelcontextprotocol/tasks": {}}
+            },
+        },
+    },
+}
+LISTEN_ACK: Json = {
+    "jsonrpc": "2.0",
+    "method": "notifications/subscriptions/acknowledged",
+    "params": {
+        "notifications": {"taskIds": ["786512e2-9e0d-44bd-8f29-789f320fe840"]},
+        "_meta": SUBSCRIPTION,
+    },
+}
+LISTENED_NOTIFICATION: Json = changed(
+    COMPLETED_NOTIFICATION, params={**COMPLETED_NOTIFICATION["params"], "_meta": SUBSCRIPTION}
+)
+LISTEN_CLOSED: Json = {
+    "jsonrpc": "2.0",
+    "id": 12,
+    "result": {"resultType": "complete", "_meta": SUBSCRIPTION},
+}
+
 # The spec has no tasks/cancel example, nor one of a cancelled task or of an unlimited TTL.
 HAND_MADE_VALID = [
     pytest.param("CancelTaskRequest", CANCEL_REQUEST, id="tasks/cancel"),
@@ -324,6 +358,15 @@ HAND_MADE_VALID = [
     pytest.param("Task", changed(WORKING_TASK, ttlMs=None), id="ttl-unlimited"),
     pytest.param("Task", without(WORKING_TASK, "pollIntervalMs"), id="no-poll-interval"),
     pytest.param("GetTaskResult", changed(WORKING_RESULT, _meta={"x": 1}), id="result-meta"),
+    pytest.param("SubscriptionsListenRequest", LISTEN_REQUEST, id="listen"),
+    pytest.param("SubscriptionsAcknowledgedNotification", LISTEN_ACK, id="listen-ack"),
+    pytest.param(
+        "SubscriptionsAcknowledgedNotification",
+        changed(LISTEN_ACK, params={"notifications": {}, "_meta": SUBSCRIPTION}),
+        id="listen-ack-none",
+    ),
+    pytest.param("ListenedTaskStatusNotification", LISTENED_NOTIFICATION, id="listened"),
+    pytest.param("SubscriptionsListenResultResponse", LISTEN_CLOSED, id="listen-closed"),
 ]
 
 
@@ -468,6 +511,42 @@ NEGATIVES = [
         changed(HELLO_WORLD_REQUEST, params={"name": "hello_world", "arguments": {}}),
         id="tools/call-without-capability",
     ),
+    pytest.param(
+        "SubscriptionsListenRequest",
+        LISTEN_REQUEST,
+        changed(LISTEN_REQUEST, params={"notifications": {"taskIds": "786512e2"}}),
+        id="listen-taskIds-not-a-list",
+    ),
+    pytest.param(
+        "SubscriptionsListenRequest",
+        LISTEN_REQUEST,
+        changed(LISTEN_REQUEST, params={"_meta": LISTEN_REQUEST["params"]["_meta"]}),
+        id="listen-without-notifications",
+    ),
+    pytest.param(
+        "SubscriptionsAcknowledgedNotification",
+        LISTEN_ACK,
+        changed(LISTEN_ACK, params=without(LISTEN_ACK["params"], "_meta")),
+        id="ack-without-subscription-id",
+    ),
+    pytest.param(
+        "SubscriptionsAcknowledgedNotification",
+        LISTEN_ACK,
+        changed(LISTEN_ACK, id=12),
+        id="ack-with-id",
+    ),
+    pytest.param(
+        "ListenedTaskStatusNotification",
+        LISTENED_NOTIFICATION,
+        changed(LISTENED_NOTIFICATION, params={**LISTENED_NOTIFICATION["params"], "_meta": {}}),
+        id="listened-without-subscription-id",
+    ),
+    pytest.param(
+        "SubscriptionsListenResultResponse",
+        LISTEN_CLOSED,
+        changed(LISTEN_CLOSED, result={"resultType": "complete"}),
+        id="listen-closed-without-subscription-id",
+    ),
 ]
 
 
@@ -486,6 +565,12 @@ def test_error_handling_examples_say_task_not_complete(example: Json) -> None:
     """The text calls these tasks/get responses, but GetTaskResult MUST say "complete"."""
     assert not validator_for("GetTaskResult").is_valid(example["result"])
     assert_valid("GetTaskResult", changed(example["result"], resultType="complete"))
+
+
+def test_notification_example_lacks_the_subscription_id() -> None:
+    """The core revision wants the listen's id on each frame of its stream; the example has none."""
+    assert_valid("TaskStatusNotification", COMPLETED_NOTIFICATION)
+    assert not validator_for("ListenedTaskStatusNotification").is_valid(COMPLETED_NOTIFICATION)
 
 
 def test_task_creation_example_request_lacks_the_capability() -> None:
@@ -512,6 +597,9 @@ def test_schema_says_where_it_comes_from() -> None:
         "docs/specification/draft/tasks.mdx",
         "schema/draft/schema.ts",
         "notifications/tasks/status",
+        "subscriptions/listen",
+        "-32021",
+        "schema/draft/spec.types.ts",
     ):
         assert needle in comment
 

@@ -136,7 +136,11 @@ class Settings(BaseSettings):
         "(a live worker renews its lease every third of it).",
     )
     max_message_chars: int = Field(4_000, ge=1, description="Longest accepted state `message`.")
-    max_wait_s: float = Field(30.0, ge=0, description="Cap on `get_job(wait_s=...)`.")
+    max_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="Cap on `get_job(wait_s=...)` and on a `subscriptions/listen` for tasks.",
+    )
     http_host: str = Field("127.0.0.1", description="Address `pmq serve --transport http` binds.")
     http_port: int = Field(8000, ge=0, le=65_535, description="Port of the HTTP frontend.")
     bench_noop_tool: bool = Field(
