@@ -110,11 +110,6 @@ def caller_of(token: AccessToken | None) -> Caller:
     return Caller(token.client_id, roles_of(token.scopes))
 
 
-def current_caller() -> Caller:
-    """The caller of the request being served: from its verified token, else local."""
-    return caller_of(get_access_token())
-
-
 def require(right: Right, action: str, *, token_required: bool = False) -> str:
     """The caller's client id, if its role has `right`; else `Forbidden`.
 
@@ -131,7 +126,7 @@ def require(right: Right, action: str, *, token_required: bool = False) -> str:
 
 def current_client() -> str:
     """The caller's client id: from its verified token, else the local user."""
-    return current_caller().client_id
+    return caller_of(get_access_token()).client_id
 
 
 # --- static tokens -------------------------------------------------------------

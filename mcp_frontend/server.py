@@ -120,23 +120,6 @@ PauseKeyArg = Annotated[
 ]
 
 
-# A state-change tool's arguments that make up the change (all but the run id).
-CHANGE_ARGS = frozenset(
-    {
-        "state",
-        "name",
-        "message",
-        "force",
-        "idempotency_key",
-        "scheduled_time",
-        "pause_timeout",
-        "pause_expiration_time",
-        "pause_reschedule",
-        "pause_key",
-    }
-)
-
-
 class ChangeIn(RefusesUnknown):
     """One change in a `submit_state_changes` batch."""
 
@@ -154,6 +137,10 @@ class ChangeIn(RefusesUnknown):
     pause_expiration_time: PauseExpirationArg = None
     pause_reschedule: PauseRescheduleArg = None
     pause_key: PauseKeyArg = None
+
+
+# A state-change tool's arguments that make up the change: a batch item's but the run.
+CHANGE_ARGS = frozenset(ChangeIn.model_fields) - {"run_type", "run_id"}
 
 
 _SUBMIT = ToolAnnotations(
