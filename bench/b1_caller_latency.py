@@ -247,7 +247,7 @@ async def saturated_rows(
     from mcp import Client
     from redis.asyncio import Redis
 
-    from worker.contract import STATS_TOTAL_KEY
+    from worker.fleet_stats import STATS_KEY, FleetCounts
 
     redis = Redis.from_url(stack.redis.url())
     await redis.flushdb()  # drop the unapplied changes of the rows before
@@ -261,7 +261,7 @@ async def saturated_rows(
                 "submit_state_changes", {"changes": burst[start : start + 1000]}
             )
             assert not result.is_error, result.content
-    applied_before = int(await redis.hget(STATS_TOTAL_KEY, "applied") or 0)
+    applied_before = FleetCounts.from_hash(await redis.hgetall(STATS_KEY)).totals["applied"]
     loop = asyncio.get_running_loop()
     queue = loop.run_in_executor(
         None,
@@ -290,7 +290,8 @@ async def saturated_rows(
         f"direct, Prefect saturated, {label} cores",
     )
     rows = [await queue, await direct]
-    applied = int(await redis.hget(STATS_TOTAL_KEY, "applied") or 0) - applied_before
+    applied = FleetCounts.from_hash(await redis.hgetall(STATS_KEY)).totals["applied"]
+    applied -= applied_before
     await redis.aclose()
     for worker in workers:
         stack.stop_child(worker)

@@ -47,7 +47,7 @@ from bench.harness import (
     table,
 )
 from bench.workload import create_task_runs, direct_drain, plan
-from worker.contract import STATS_TOTAL_KEY
+from worker.fleet_stats import STATS_KEY, FleetCounts
 
 TERMINAL = ("applied", "rejected", "failed", "cancelled")
 DIRECT_CONCURRENCY = (1, 2, 4, 8, 16)
@@ -71,7 +71,7 @@ async def submit(url: str, changes: list[dict[str, Any]]) -> list[str]:
 
 
 async def totals(redis: Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in (await redis.hgetall(STATS_TOTAL_KEY)).items()}
+    return FleetCounts.from_hash(await redis.hgetall(STATS_KEY)).totals
 
 
 def prefect_p99_s(metrics_texts: list[str]) -> tuple[float, int]:
@@ -99,7 +99,7 @@ async def queue_drain(
     count = settings.pop("workers")
     workers = [stack.worker(f"{label}-{i}", **settings) for i in range(count)]
     redis = Redis.from_url(stack.redis.url())
-    await redis.delete(STATS_TOTAL_KEY)
+    await redis.delete(STATS_KEY)
     processes = {
         "worker": [w.proc.pid for w in workers],  # type: ignore[union-attr]
         "prefect": stack.prefect_pids,

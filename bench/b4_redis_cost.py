@@ -28,7 +28,7 @@ deltas over windows in which only the measured actor talks to Redis:
   the baseline taken before the first enqueue, both taken while the bench's
   connection is Redis' only one. The goal's tolerance is what is explained
   and not per job: the latency histograms of command names first seen
-  since, the two fleet counters (`pmq:stats:*`, kept a week), the change in
+  since, the fleet counters (`pmq:stats:moves`, kept a week), the change in
   the bench connection's own memory (Redis resizes its reply buffer), and
   8 KiB for Redis' keyspace tables and slow log (see REDIS_SLACK). Also
   shown after `MEMORY PURGE`, which hands the allocator's free pages back
@@ -65,8 +65,6 @@ from tests.prefect_runs import PrefectRuns
 from worker import lua
 from worker.contract import (
     QUEUE_KEY,
-    STATS_LIVE_KEY,
-    STATS_TOTAL_KEY,
     JobRecord,
     Orchestration,
     RunType,
@@ -75,6 +73,7 @@ from worker.contract import (
     Status,
     utcnow,
 )
+from worker.fleet_stats import STATS_KEY, FleetCounts
 from worker.store import JobStore
 
 PENDING_JOBS = 5_000
@@ -86,8 +85,8 @@ JOB_DEADLINE_S = 60
 IDLE_WINDOW_S = 3.0  # how long the idle worker's polling is counted, to give a rate
 SCRIPT_CALLS = 50  # claim/transition calls made in-process to split the apply cost
 PENDING_DB, SCRATCH_DB = 1, 2
-# Counters kept for /metrics, one hash each for the whole fleet, a week past the last change.
-FLEET_KEYS = {STATS_TOTAL_KEY, STATS_LIVE_KEY}
+# Counters kept for /metrics, one hash for the whole fleet, a week past the last change.
+FLEET_KEYS = {STATS_KEY}
 INFO_SECTIONS = ("memory", "stats", "clients", "commandstats", "latencystats", "keyspace")
 # Slack for the memory goal: Redis' own bookkeeping, neither per job nor growing: the
 # keyspace's hash tables (shrunk by a cron only once under 10% full; ~1.2 KB seen) and
@@ -518,7 +517,9 @@ async def measure_apply(stack: BenchStack, meter: Meter, findings: Findings) -> 
     findings.add(APPLY, meter.cost(start, terminal), APPLY_JOBS)
     findings.expiry["finished_record"] = finished_record(meter.client)
     findings.expiry["outcomes"] = {
-        k.decode(): int(v) for k, v in meter.client.hgetall(STATS_TOTAL_KEY).items()
+        name: count
+        for name, count in FleetCounts.from_hash(meter.client.hgetall(STATS_KEY)).totals.items()
+        if count
     }
     idle = meter.snapshot()
     await asyncio.sleep(IDLE_WINDOW_S)  # a rate over a fixed window, not a wait for a state

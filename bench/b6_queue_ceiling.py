@@ -43,7 +43,7 @@ from bench.b2_throughput import QUEUE_CPU_GOAL_MS, QUEUE_CPU_SPREAD, TERMINAL, s
 from bench.harness import RESULTS, BenchStack, Report, bench_stack, cpu_seconds, table
 from bench.workload import plan
 from mcp_frontend.devstack import BIN_DIR, Service, free_port
-from worker.contract import STATS_TOTAL_KEY
+from worker.fleet_stats import STATS_KEY
 
 HERE = Path(__file__).resolve().parent
 ONE_WORKER_GOAL_PER_S = 1_000
@@ -93,7 +93,7 @@ async def drain(
     stack: BenchStack, url: str, standin: Service, workers: int, changes: list[dict[str, Any]]
 ) -> dict[str, Any]:
     redis = Redis.from_url(stack.redis.url())
-    await redis.delete(STATS_TOTAL_KEY)
+    await redis.delete(STATS_KEY)
     await submit(url, changes)
     standin_pid = standin.proc.pid  # type: ignore[union-attr]
     children = stack.workers([f"b6-{workers}w-{i}" for i in range(workers)])

@@ -49,6 +49,7 @@ from mcp_frontend.devstack import (
     pmq_service,
     wait_until,
 )
+from worker.fleet_stats import STATS_KEY, FleetCounts
 
 LATENCY_CALLS = 400  # per level
 WARMUP_CALLS = 10
@@ -160,8 +161,8 @@ async def drain_row(
     with redis.Redis.from_url(redis_url) as client:
 
         def drained() -> bool:
-            totals = client.hgetall("pmq:stats:total")
-            return int(totals.get(b"applied", 0)) >= len(changes)
+            stats = FleetCounts.from_hash(client.hgetall(STATS_KEY))
+            return stats.totals["applied"] >= len(changes)
 
         wait_until(drained, 300, f"drain at {label}")
     elapsed = time.monotonic() - started

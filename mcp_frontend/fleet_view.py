@@ -16,10 +16,8 @@ from pydantic import BaseModel, Field
 from mcp_frontend.health import FleetProbe
 from mcp_frontend.jobs import FAILURE_STATUSES, JobQuery, JobService
 from mcp_frontend.progress import failure_reason
-from worker.contract import QUEUE_KEY, STATS_LIVE_KEY, STATS_TOTAL_KEY, JobRecord, utcnow
-
-TOTALS = ("enqueued", "applied", "rejected", "failed", "cancelled")
-LIVE = ("queued", "running", "waiting")
+from worker.contract import QUEUE_KEY, JobRecord, utcnow
+from worker.fleet_stats import LIVE, STATS_KEY, TOTALS, FleetCounts
 
 
 class Failure(BaseModel):
@@ -48,26 +46,22 @@ async def snapshot(
 ) -> FleetSnapshot:
     redis = service.store.redis
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(STATS_TOTAL_KEY)
-        pipe.hgetall(STATS_LIVE_KEY)
+        pipe.hgetall(STATS_KEY)
         pipe.zcard(QUEUE_KEY)
-        totals, live, depth = await pipe.execute()
+        stats, depth = await pipe.execute()
+    counts = FleetCounts.from_hash(stats)
     beats = await FleetProbe(redis, worker_max_age_s=worker_max_age_s).workers()
     latencies = [beat["prefect_ms"] for beat in beats if beat["prefect_ms"] >= 0]
     recent = await service.find(JobQuery(statuses=FAILURE_STATUSES, limit=failures))
     return FleetSnapshot(
         at=utcnow(),
         queue_depth=int(depth),
-        live={name: max(0, _count(live, name)) for name in LIVE},
-        totals={name: _count(totals, name) for name in TOTALS},
+        live={name: max(0, counts.live[name]) for name in LIVE},
+        totals={name: counts.totals[name] for name in TOTALS},
         workers_alive=len(beats),
         prefect_ms=statistics.median(latencies) if latencies else None,
         failures=[_failure(record) for record in recent],
     )
-
-
-def _count(hash_: dict[bytes, bytes], name: str) -> int:
-    return int(hash_.get(name.encode(), 0))
 
 
 def _failure(record: JobRecord) -> Failure:

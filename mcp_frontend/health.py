@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from worker.contract import QUEUE_KEY, STATS_LIVE_KEY, STATS_TOTAL_KEY, WORKER_KEY_PREFIX
+from worker.contract import QUEUE_KEY, WORKER_KEY_PREFIX
+from worker.fleet_stats import LIVE, STATS_KEY, FleetCounts
 from worker.redis_check import failure_kind
 
-TOTALS = (
+# The pmq_jobs counter's events: enqueued, the outcomes, then the rest.
+EVENTS = (
     "enqueued",
     "applied",
     "rejected",
@@ -30,7 +32,6 @@ TOTALS = (
     "duplicated",  # found in their run's history more than once
     "deduplicated",  # resent with an idempotency key: answered with the existing job
 )
-LIVE = ("queued", "running", "waiting")
 
 
 class FleetProbe:
@@ -86,15 +87,15 @@ class FleetProbe:
         """Prometheus text: fleet totals from Redis, then this process's own metrics."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(STATS_TOTAL_KEY)
-                pipe.hgetall(STATS_LIVE_KEY)
+                pipe.hgetall(STATS_KEY)
                 pipe.zcard(QUEUE_KEY)
-                totals, live, depth = await pipe.execute()
+                stats, depth = await pipe.execute()
             workers = await self.workers()
         except RedisError:
             return Response("redis unreachable\n", status_code=503)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(_decode(totals), _decode(live), int(depth), len(workers)))
+        counts = FleetCounts.from_hash(stats)
+        registry.register(_Snapshot(counts.totals, counts.live, int(depth), len(workers)))
         body = generate_latest(registry) + generate_latest(REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -113,7 +114,7 @@ class _Snapshot:
             "Jobs enqueued, and jobs ending in each outcome, fleet-wide.",
             labels=["event"],
         )
-        for name in TOTALS:
+        for name in EVENTS:
             jobs.add_metric([name], self.totals.get(name, 0))
         yield jobs
         live = GaugeMetricFamily(
@@ -128,7 +129,3 @@ class _Snapshot:
         yield GaugeMetricFamily(
             "pmq_workers_alive", "Worker processes with a fresh heartbeat.", self.workers
         )
-
-
-def _decode(data: dict[bytes, bytes]) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in data.items()}

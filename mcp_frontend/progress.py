@@ -13,14 +13,14 @@ from datetime import datetime
 
 from redis.asyncio import Redis
 
-from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY, ErrorCode, JobRecord, Status
+from worker.contract import ErrorCode, JobRecord, Status
+from worker.fleet_stats import STATS_KEY, FleetCounts
 from worker.store import Progress
 
 MIN_POLL_S = 0.25
 MAX_POLL_S = 3.0
 UNKNOWN_DUE_S = 3.0  # no recent rate to go by: ask again in about a second
 STALE_S = 10.0  # a rate measured over a longer gap says little about now
-_FINISHED = ("applied", "rejected", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,13 @@ class DrainGauge:
         now = time.monotonic()
         if self._last is not None and now - self._last[0] < self._every_s:
             return self._drain
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(STATS_TOTAL_KEY, list(_FINISHED))
-            pipe.hget(STATS_LIVE_KEY, "queued")
-            totals, queued = await pipe.execute()
-        finished = sum(int(n or 0) for n in totals)
+        counts = FleetCounts.from_hash(await self._redis.hgetall(STATS_KEY))  # type: ignore[misc]
+        finished, queued = counts.finished, counts.live["queued"]
         rate = None
         if self._last is not None and now - self._last[0] <= STALE_S:
             rate = max(0.0, finished - self._last[1]) / (now - self._last[0])
         self._last = (now, finished)
-        self._drain = Drain(rate, max(0, int(queued or 0)))
+        self._drain = Drain(rate, max(0, queued))
         return self._drain
 
 

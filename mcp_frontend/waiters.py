@@ -18,9 +18,9 @@ from typing import TypeVar
 
 from prometheus_client import Gauge
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from worker.contract import STATUS_CHANNEL, TERMINAL_CHANNEL
+from worker.subscription import receive
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class TerminalWaiters:
                     if lost:  # what was published while unsubscribed is gone: re-read
                         self._wake_all()
                         lost = False
-                    await self._receive(pubsub)
+                    await receive(pubsub, self._silence_s, self._route)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -155,23 +155,6 @@ class TerminalWaiters:
         for followers in self._changes.values():
             for changes in followers:
                 changes.note_all()
-
-    async def _receive(self, pubsub: PubSub) -> None:
-        """Route messages until the subscription fails or falls silent past a ping."""
-        loop = asyncio.get_running_loop()
-        heard = loop.time()
-        pinged = False
-        while True:
-            message = await pubsub.get_message(timeout=self._silence_s)
-            if message is not None:
-                heard, pinged = loop.time(), False
-                if message.get("type") == "message":
-                    self._route(message["channel"], message["data"])
-            elif loop.time() - heard >= 2 * self._silence_s and pinged:
-                raise ConnectionError(f"no answer to a ping for {self._silence_s:g} s")
-            elif loop.time() - heard >= self._silence_s and not pinged:
-                await pubsub.ping()
-                pinged = True
 
     def _route(self, channel: bytes | str, data: bytes | str) -> None:
         job_id = data.decode() if isinstance(data, bytes) else data

@@ -34,7 +34,6 @@ _worker_names = itertools.count()
 TEST_SETTINGS: dict[str, Any] = {
     "backoff_base_s": 0.2,
     "backoff_max_s": 1.0,
-    "worker_poll_delay_s": 0.02,
     "worker_lease_s": 3.0,
     "settle_s": 5.0,
 }

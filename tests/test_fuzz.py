@@ -46,12 +46,11 @@ from worker.contract import (
     QUEUE_KEY,
     RECENT_KEY,
     RUN_KEY_PREFIX,
-    STATS_LIVE_KEY,
-    STATS_TOTAL_KEY,
     JobRecord,
     JobStatus,
     JobTicket,
 )
+from worker.fleet_stats import LIVE, STATS_KEY, FleetCounts
 
 Args = dict[str, Any]
 Loc = tuple[str | int, ...]  # where a field is, e.g. ("changes", 3, "run_id")
@@ -945,12 +944,21 @@ def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
         else:
             assert key in (
                 QUEUE_KEY,
-                STATS_TOTAL_KEY,
-                STATS_LIVE_KEY,
+                STATS_KEY,
                 RECENT_KEY,
                 INFLIGHT_KEY,
             ), key
     assert records == set(fuzzer.jobs)
+    # The fleet counters agree with the records: each live count is its moves in less
+    # its moves out (worker.fleet_stats).
+    counts = FleetCounts.from_hash(cast(dict[bytes, bytes], redis.hgetall(STATS_KEY)))
+    statuses = Counter(
+        cast(bytes, redis.hget(JOB_KEY_PREFIX + job_id, "status")).decode()
+        for job_id in fuzzer.jobs
+    )
+    assert counts.live == {status: statuses[status] for status in LIVE}, (counts, statuses)
+    assert counts.totals["cancelled"] == statuses["cancelled"]
+    assert counts.totals["enqueued"] == len(fuzzer.jobs)
     # The sweeper's index holds exactly the jobs not terminal yet (no worker runs here).
     pending = {
         job_id

@@ -33,11 +33,11 @@ from worker.contract import (
     INFLIGHT_KEY,
     PENDING_STATUSES,
     QUEUE_KEY,
-    STATS_TOTAL_KEY,
     TERMINAL_STATUSES,
     job_key,
     utcnow,
 )
+from worker.fleet_stats import STATS_KEY
 from worker.redis_conn import close_redis, redis_client
 from worker.settings import Settings
 
@@ -207,7 +207,7 @@ async def test_a_change_written_twice_anyway_is_reported_on_its_job(
     ]
     assert copies == [2] * len(task_runs)  # the fault did what it should
     assert [j["duplicate_transitions"] for j in reported] == [1] * len(task_runs)
-    duplicated = cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "duplicated"))
+    duplicated = cast(bytes, stack.redis.hget(STATS_KEY, "duplicated"))
     assert int(duplicated) == len(task_runs)
 
 
@@ -278,7 +278,7 @@ async def test_the_sweeper_requeues_a_running_job_whose_queue_entry_was_lost(
         job = await wait_terminal(client, job_id, timeout_s=60)
     assert job["status"] == "applied"
     assert [s["type"] for s in await prefect.history("flow", flow_run)] == ["PENDING", "RUNNING"]
-    assert cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "swept")) == b"1"
+    assert cast(bytes, stack.redis.hget(STATS_KEY, "swept")) == b"1"
 
 
 async def test_the_sweeper_requeues_a_queued_job_whose_queue_entry_a_failover_lost(
@@ -299,4 +299,4 @@ async def test_the_sweeper_requeues_a_queued_job_whose_queue_entry_a_failover_lo
         job = await wait_terminal(client, job_id, timeout_s=60)
     assert job["status"] == "applied" and job["attempts"] == 1
     assert [s["type"] for s in await prefect.history("task", task_run)] == ["PENDING", "RUNNING"]
-    assert cast(bytes, stack.redis.hget(STATS_TOTAL_KEY, "swept")) == b"1"
+    assert cast(bytes, stack.redis.hget(STATS_KEY, "swept")) == b"1"

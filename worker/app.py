@@ -41,6 +41,8 @@ from worker.store import JobStore, RateLimiter, Taken
 
 log = logging.getLogger(__name__)
 
+_POLL_SPACING_S = 0.01
+
 # After losing Redis: wait 0.5 s, doubling to 10 s while it stays away; a run that
 # lasted this long was a recovery, and the next loss starts from 0.5 s again.
 _FIRST_RESTART_DELAY_S = 0.5
@@ -99,12 +101,15 @@ async def startup(ctx: dict[str, Any]) -> None:
 
     ctx["heartbeat"] = asyncio.create_task(heartbeat.beat(ctx))
     ctx["sweeper"] = asyncio.create_task(sweeper.sweep(ctx))
+    ctx["work"] = asyncio.create_task(
+        ctx["dispatcher"].listen_for_work(redis, silence_s=settings.redis_timeout_s)
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     if "dispatcher" in ctx:
         await ctx["dispatcher"].stop()
-    for name in ("sweeper", "heartbeat"):
+    for name in ("work", "sweeper", "heartbeat"):
         if name in ctx:
             ctx[name].cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,8 +135,9 @@ def build_worker(settings: Settings, **overrides: Any) -> Worker:
         "on_startup": startup,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
-        # Idle only: a busy worker takes the next job the moment a call slot frees.
-        "poll_delay": settings.worker_poll_delay_s,
+        # Between polls, the dispatcher waits for work itself (Dispatcher.until_work):
+        # this only spaces them when wake-ups come thick.
+        "poll_delay": _POLL_SPACING_S,
         "handle_signals": True,
         # SIGTERM (`docker stop`): take no new job, let the running ones finish (each is
         # bounded by the job timeout), then stop; compose's stop_grace_period is longer.

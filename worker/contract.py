@@ -29,14 +29,16 @@ RUN_KEY_PREFIX = "pmq:run:"  # per run: `seq` counter and `last` job id
 IDEMPOTENCY_KEY_PREFIX = "pmq:idem:"
 CLIENT_KEY_PREFIX = "pmq:client:"  # per client: `<id>:pending` set, `<id>:rate` cell
 RATE_LIMIT_KEY = "pmq:ratelimit:prefect"
-# hash: enqueued, the outcomes, retried, swept, duplicated, deduplicated
-STATS_TOTAL_KEY = "pmq:stats:total"
-STATS_LIVE_KEY = "pmq:stats:live"  # hash: jobs now queued, running, waiting
+# Hash: a counter per kind of status move ("queued>running"), and events; read
+# through worker.fleet_stats. (It replaced pmq:stats:total and pmq:stats:live,
+# which expire a week after their last write.)
+STATS_KEY = "pmq:stats:moves"
 WORKER_KEY_PREFIX = "pmq:worker:"  # one heartbeat hash per live worker process
 # Who owns jobs created without a token: stdio, a loopback HTTP bind, `pmq jobs`.
 LOCAL_CLIENT = "local"
 TERMINAL_CHANNEL = "pmq:events:terminal"  # the id of each job that turned terminal
 STATUS_CHANNEL = "pmq:events:status"  # the id of each job that changed to a non-terminal status
+ENQUEUED_CHANNEL = "pmq:events:enqueued"  # how many new jobs an enqueue made: wakes idle workers
 BATCH_KEY_PREFIX = "pmq:batch:"  # a batch submitted as one MCP task: its job ids
 RECENT_KEY = "pmq:recent"  # sorted set: the newest job ids by enqueue time (ms)
 FAILURES_KEY = "pmq:recent:failures"  # sorted set: rejected and failed job ids by finish time

@@ -9,7 +9,7 @@ one job timeout (it can then never be applied). Otherwise the job is parked:
 it by moving its queue entry to now.
 """
 
-from worker.contract import STATS_LIVE_KEY, STATS_TOTAL_KEY
+from worker.contract import STATS_KEY
 
 # Shared helpers, prepended to the scripts that need them.
 # Record prefix in P (ARGV-supplied by each script before use).
@@ -64,35 +64,30 @@ local function wake_successor(P, Q, nxt)
   end
 end
 
--- Fleet-wide figures for /metrics: totals per outcome, and how many jobs are in
--- each live status. They live a week past the last enqueue: ENQUEUE refreshes
--- their TTL once per batch (a PEXPIRE per count was a tenth of a job's commands).
-local function count(key, field, by)
-  redis.call("HINCRBY", key, field, by)
+-- Fleet-wide figures for /metrics (read by worker.fleet_stats): one counter per
+-- kind of status move, "from>to" (">queued" for an enqueue), and event counts. One
+-- HINCRBY per move: a live count and a total apart cost two. The hash lives a week
+-- past the last enqueue: ENQUEUE refreshes its TTL once per batch.
+local function count(field, by)
+  redis.call("HINCRBY", "STATS", field, by)
 end
 
-local function count_total(field, by) count("STATS_TOTAL", field, by) end
-local function count_live(field, by) count("STATS_LIVE", field, by) end
-
 local function keep_stats()
-  redis.call("PEXPIRE", "STATS_TOTAL", 604800000)
-  redis.call("PEXPIRE", "STATS_LIVE", 604800000)
+  redis.call("PEXPIRE", "STATS", 604800000)
 end
 
 local function moved(from, to)
-  if from == to then return end
-  if from then count("STATS_LIVE", from, -1) end
-  if is_terminal(to) then count("STATS_TOTAL", to, 1) else count("STATS_LIVE", to, 1) end
-  if from == "running" and to == "waiting" then count("STATS_TOTAL", "retried", 1) end
+  if from ~= to then count(from .. ">" .. to, 1) end
 end
-""".replace("STATS_LIVE", STATS_LIVE_KEY).replace("STATS_TOTAL", STATS_TOTAL_KEY)
+""".replace('"STATS"', f'"{STATS_KEY}"')
 
 # KEYS: the queue, the client's pending set, the client's rate key, the recent-jobs
 #       index, the pending-jobs index the sweeper walks
 # ARGV: max queue depth, pending ttl ms, record prefix, gate grace ms, run prefix,
 #       idempotency prefix, client max pending (0 = none), client rate interval ms
-#       (0 = none), client burst ms, jobs the index keeps, gate recheck ms, then one
-#       JSON item per change: {"id", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
+#       (0 = none), client burst ms, jobs the index keeps, gate recheck ms, the channel
+#       that tells idle workers of new jobs, then one JSON item per change:
+#       {"id", "run", "idem", "fp", "deadline", "fields": [k, v, ...]}
 # A change whose predecessor is unfinished is queued parked (`blocked_on`, due at the
 # recheck): the predecessor's end wakes it, and no worker takes it only to park it.
 # Returns {"full"} | {"conflict", index, existing id} | {"pending", count} |
@@ -104,8 +99,8 @@ local Q, PENDING, RATE, RECENT, INFLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], K
 local max_depth, ttl = tonumber(ARGV[1]), ARGV[2]
 local P, grace, R, I = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local max_pending, interval, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local keep, recheck = tonumber(ARGV[10]), tonumber(ARGV[11])
-local FIRST = 12
+local keep, recheck, enqueued = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+local FIRST = 13
 local items, fresh = {}, 0
 for i = FIRST, #ARGV do
   local item = cjson.decode(ARGV[i])
@@ -183,13 +178,13 @@ if #queue > 0 then redis.call("ZADD", Q, unpack(queue)) end
 if fresh < #items then
   -- Counted, and a write even when nothing is new: a durability wait (WAIT, WAITAOF)
   -- covers its connection's writes, and this one follows the original's.
-  count_total("deduplicated", #items - fresh)
+  count("deduplicated", #items - fresh)
 end
 if fresh > 0 then  -- once per batch: two commands per change would be a fifth of the work
-  count_total("enqueued", fresh)
-  count_live("queued", fresh)
+  count(">queued", fresh)
   keep_stats()
   redis.call("PEXPIRE", INFLIGHT, ttl)
+  redis.call("PUBLISH", enqueued, fresh)  -- idle workers wait for this, not for a poll
   if keep > 0 then
     redis.call("ZREMRANGEBYRANK", RECENT, 0, -keep - 1)
     redis.call("PEXPIRE", RECENT, ttl)
@@ -251,7 +246,9 @@ return {"claimed"}
 # KEYS: the queue
 # ARGV: record prefix, n, lease ms, grace ms, recheck ms, now (ISO, for the record),
 #       the recheck time (ISO, shown while parked), status channel
-# Returns {kind, record field/value list, ...}: the record as read, before the claim.
+# Returns {kind, record field/value list, ...}: the record as read, before the claim;
+# when fewer than `n` were due, then {"next", ms until the next job is due (-1: none)},
+# for the worker to sleep until then (or until an enqueue wakes it).
 TAKE = (
     _HELPERS
     + """
@@ -261,10 +258,10 @@ local now_iso, recheck_iso, channel = ARGV[6], ARGV[7], ARGV[8]
 local now = now_ms()
 -- Read past a few parked ones, so that one call usually fills every free slot.
 local ids = redis.call("ZRANGEBYSCORE", Q, "-inf", now, "LIMIT", 0, n + 8)
-local out, due, gone, live = {}, {}, {}, {}
+local out, due, gone, moves = {}, {}, {}, {}
 local function shift(from, to)
-  live[from] = (live[from] or 0) - 1
-  live[to] = (live[to] or 0) + 1
+  local move = from .. ">" .. to
+  moves[move] = (moves[move] or 0) + 1
 end
 for _, id in ipairs(ids) do
   if #out >= 2 * n then break end
@@ -309,8 +306,11 @@ for _, id in ipairs(ids) do
 end
 if #due > 0 then redis.call("ZADD", Q, unpack(due)) end
 if #gone > 0 then redis.call("ZREM", Q, unpack(gone)) end
-for field, by in pairs(live) do
-  if by ~= 0 then count_live(field, by) end
+for move, by in pairs(moves) do count(move, by) end
+if #out < 2 * n then
+  local first = redis.call("ZRANGE", Q, 0, 0, "WITHSCORES")
+  out[#out + 1] = "next"
+  out[#out + 1] = first[2] and math.max(0, tonumber(first[2]) - now) or -1
 end
 return out
 """
@@ -411,7 +411,7 @@ for i = 2, #ARGV do
   else
     redis.call("ZADD", Q, now, id)
     redis.call("ZADD", INFLIGHT, "XX", now, id)
-    count_total("swept", 1)
+    count("swept", 1)
     requeued[#requeued + 1] = id
   end
 end

@@ -87,14 +87,20 @@ class Settings(BaseSettings):
     prefect_latency_tolerance: float = Field(
         2.0,
         gt=1,
-        description="Calls this many times slower than with no load (median of a round of "
-        "calls, against the fastest recent round) mean Prefect is queueing: fewer in flight.",
+        description="Calls this many times slower than with no load (90th percentile of a "
+        "round of calls, against the fastest recent round) mean Prefect is queueing: "
+        "fewer in flight.",
     )
     prefect_latency_floor_s: float = Field(
-        0.025, ge=0, description="A round of calls whose median is faster than this is never slow."
+        0.025,
+        ge=0,
+        description="A round of calls whose 90th percentile is faster than this is never slow.",
     )
     worker_poll_delay_s: float = Field(
-        0.05, gt=0, description="How often an idle worker looks for new jobs."
+        0.5,
+        gt=0,
+        description="The longest an idle worker waits before looking at the queue again: "
+        "an enqueue wakes it at once, and a job due later (a retry) when it is due.",
     )
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often a worker records that it is alive (for /readyz)."

@@ -19,6 +19,7 @@ from worker import lua
 from worker.contract import (
     BATCH_KEY_PREFIX,
     CLIENT_KEY_PREFIX,
+    ENQUEUED_CHANNEL,
     FAILURES_KEY,
     IDEMPOTENCY_KEY_PREFIX,
     INFLIGHT_KEY,
@@ -27,7 +28,7 @@ from worker.contract import (
     RATE_LIMIT_KEY,
     RECENT_KEY,
     RUN_KEY_PREFIX,
-    STATS_TOTAL_KEY,
+    STATS_KEY,
     STATUS_CHANNEL,
     TERMINAL_CHANNEL,
     VERIFY_KEY,
@@ -132,6 +133,9 @@ class Took:
     taken: list[Taken]
     written: list[Transition | Exception]
     failed: Exception | None = None  # TAKE's own error: the writes were made, nothing taken
+    # Fewer were due than asked for: seconds until the next job is due (None: no job
+    # is queued, or every slot was filled).
+    next_due_s: float | None = None
 
 
 class JobStore:
@@ -238,6 +242,7 @@ class JobStore:
                 interval_ms * quota.burst,
                 self.recent_jobs,
                 self.gate_recheck_ms,
+                ENQUEUED_CHANNEL,
                 *items,
             ],
         )
@@ -440,7 +445,7 @@ class JobStore:
     async def verified(self, job_id: str, duplicates: int | None) -> None:
         """Record the duplicate check's finding (None: the record is gone) and dequeue it."""
         if duplicates:
-            await self.redis.hincrby(STATS_TOTAL_KEY, "duplicated", 1)  # type: ignore[misc]
+            await self.redis.hincrby(STATS_KEY, "duplicated", 1)  # type: ignore[misc]
         if duplicates is not None:
             await self.transition(
                 job_id,
@@ -528,13 +533,19 @@ def _took(replies: list[Any], writes: int, now: datetime) -> Took:
         return Took([], written)
     if isinstance(replies[writes], Exception):
         return Took([], written, failed=replies[writes])
-    return Took(_taken(replies[writes], now), written)
+    taken, next_due_s = _taken(replies[writes], now)
+    return Took(taken, written, next_due_s=next_due_s)
 
 
-def _taken(reply: list[Any], now: datetime) -> list[Taken]:
-    """TAKE's reply as records; a claimed one says what the script wrote."""
+def _taken(reply: list[Any], now: datetime) -> tuple[list[Taken], float | None]:
+    """TAKE's reply as records (a claimed one says what the script wrote), and when the
+    next job is due if fewer than asked for were due now."""
     taken: list[Taken] = []
+    next_due_s = None
     for kind, flat in zip(reply[::2], reply[1::2], strict=True):
+        if _text(kind) == "next":
+            next_due_s = int(flat) / 1000 if int(flat) >= 0 else None
+            continue
         fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
         claimed = _text(kind) == "claimed"
         if claimed:
@@ -544,7 +555,7 @@ def _taken(reply: list[Any], now: datetime) -> list[Taken]:
             fields.pop("blocked_on", None)
             fields.pop("next_attempt_at", None)
         taken.append(Taken(JobRecord.from_hash(fields), claimed))
-    return taken
+    return taken, next_due_s
 
 
 def _item(record: JobRecord) -> dict[str, Any]:
