@@ -98,7 +98,7 @@ class AdaptiveLimit:
         self._changed = asyncio.Condition()
         self._paused_until = 0.0  # monotonic; below a limit of 1, no call starts before it
         self._unpause: asyncio.TimerHandle | None = None
-        self._notifier: asyncio.Task[None] | None = None
+        self._notifier: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         LIMIT.set(self.limit)
 
     @property
