@@ -58,3 +58,31 @@ async def test_an_unreachable_prefect_is_a_connect_error_nothing_sent(stack: Sta
                 await http.send(http.build_request("GET", "/health"))
         finally:
             await http.aclose()
+
+
+async def test_a_connect_timeout_fires_on_time_not_at_the_next_whole_second() -> None:
+    """aiohttp rounds a timeout over 5 s up to its loop clock's next whole second. A 6 s
+    connect timeout then fired after up to 7 s, where the applier's hard limit (the
+    timeout plus 1 s) could win: a change never sent was taken as maybe sent (seen in
+    CI: test_worker_recovery's unreachable Prefect). The timeout here is chosen to end
+    just past a whole second, where the rounding would add almost a second."""
+    import asyncio
+    import time
+
+    from tests.chaos_proxy import BlackHole
+
+    with BlackHole() as hole:
+        async with PrefectClient(hole.url + "/api") as client:
+            http = PrefectHttp(client, max_connections=1)
+            loop = asyncio.get_running_loop()
+            timeout_s = 5.0 + (1.0 - loop.time() % 1.0) + 0.05
+            request = http.build_request("GET", "/health")
+            timeouts = {"connect": timeout_s, "read": timeout_s}
+            request.extensions = {**request.extensions, "timeout": timeouts}
+            started = time.monotonic()
+            try:
+                with pytest.raises(httpx.ConnectTimeout):
+                    await http.send(request)
+            finally:
+                await http.aclose()
+            assert time.monotonic() - started < timeout_s + 0.5, time.monotonic() - started

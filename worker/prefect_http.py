@@ -17,6 +17,7 @@ to connect.
 from __future__ import annotations
 
 import contextlib
+import math
 import ssl
 from typing import Any
 
@@ -40,6 +41,11 @@ _SENT: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
     (TimeoutError, httpx.ReadTimeout),
 )
 _MAPPED = tuple(cause for cause, _ in (*_NOT_SENT, *_SENT))
+# aiohttp rounds a timeout over 5 s up to the loop clock's next whole second, so a
+# 6 s connect timeout fired after 6-7 s and sometimes lost to the applier's hard limit
+# (the timeout plus 1 s): a change never sent was then taken as maybe sent, and
+# waited for Prefect to answer before it could be tried again (seen in CI).
+_EXACT = math.inf
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -68,6 +74,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
                 ssl=self._ssl if self._ssl is not None else True,
+                timeout_ceil_threshold=_EXACT,
             )
             # The body goes to httpx as it came (gzip and all, with its Content-Encoding):
             # httpx decodes it once, as it would have done itself.
@@ -88,6 +95,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=timeout.get("connect"),
                     sock_read=timeout.get("read"),
+                    ceil_threshold=_EXACT,
                 ),
             ) as answer:
                 body = await answer.read()
