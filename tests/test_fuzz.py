@@ -949,22 +949,23 @@ def check_store(stack: Stack, fuzzer: Fuzzer) -> None:
                 INFLIGHT_KEY,
             ), key
     assert records == set(fuzzer.jobs)
+    # Every job's status, in one round trip.
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in fuzzer.jobs:
+            pipe.hget(JOB_KEY_PREFIX + job_id, "status")
+        status_of = {
+            job_id: cast(bytes, status).decode()
+            for job_id, status in zip(fuzzer.jobs, pipe.execute(), strict=True)
+        }
     # The fleet counters agree with the records: each live count is its moves in less
     # its moves out (worker.fleet_stats).
     counts = FleetCounts.from_hash(cast(dict[bytes, bytes], redis.hgetall(STATS_KEY)))
-    statuses = Counter(
-        cast(bytes, redis.hget(JOB_KEY_PREFIX + job_id, "status")).decode()
-        for job_id in fuzzer.jobs
-    )
+    statuses = Counter(status_of.values())
     assert counts.live == {status: statuses[status] for status in LIVE}, (counts, statuses)
     assert counts.totals["cancelled"] == statuses["cancelled"]
     assert counts.totals["enqueued"] == len(fuzzer.jobs)
     # The sweeper's index holds exactly the jobs not terminal yet (no worker runs here).
-    pending = {
-        job_id
-        for job_id in fuzzer.jobs
-        if cast(bytes, redis.hget(JOB_KEY_PREFIX + job_id, "status")) in (b"queued", b"waiting")
-    }
+    pending = {job_id for job_id, status in status_of.items() if status in ("queued", "waiting")}
     inflight = {m.decode() for m in cast(list[bytes], redis.zrange(INFLIGHT_KEY, 0, -1))}
     assert inflight == pending
     # The recent-jobs index holds the newest accepted jobs and nothing else.
