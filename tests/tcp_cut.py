@@ -1,4 +1,5 @@
-"""A TCP forwarder that can cut its connections the way a partition does.
+"""A TCP forwarder that can cut its connections the way a partition does, or
+delay them as a link to a distant host does.
 
 `cut()` freezes every connection open now: nothing more is forwarded either
 way and nothing is closed, so neither end hears of it (as when a container is
@@ -13,8 +14,9 @@ from mcp_frontend.devstack import free_port
 
 
 class TcpCut:
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, delay_s: float = 0.0) -> None:
         self.upstream_port = upstream_port
+        self.delay_s = delay_s  # before each read is passed on, either way
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -60,19 +62,24 @@ class TcpCut:
         cut = asyncio.Event()
         self._frozen.add(cut)
         await asyncio.gather(
-            self._pipe(reader, up_writer, cut),
-            self._pipe(up_reader, writer, cut),
+            self._pipe(reader, up_writer, cut, self.delay_s),
+            self._pipe(up_reader, writer, cut, self.delay_s),
             return_exceptions=True,
         )
 
     @staticmethod
     async def _pipe(
-        source: asyncio.StreamReader, sink: asyncio.StreamWriter, cut: asyncio.Event
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        cut: asyncio.Event,
+        delay_s: float,
     ) -> None:
         while not cut.is_set():
             data = await source.read(65_536)
             if not data:
                 break
+            if delay_s:
+                await asyncio.sleep(delay_s)  # the link's latency, not a wait for a condition
             if cut.is_set():
                 break  # a partition drops what is in flight
             sink.write(data)

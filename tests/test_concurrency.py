@@ -1,5 +1,6 @@
 """Adaptive Prefect concurrency: the AIMD rule itself, then a worker against a queueing server."""
 
+import itertools
 import statistics
 
 import pytest
@@ -11,6 +12,7 @@ from tests.conftest import Stack
 from tests.fleet import make_runs, wait_all_terminal
 from tests.mcp_calls import ok
 from tests.prefect_runs import PrefectRuns
+from tests.tcp_cut import TcpCut
 from worker.concurrency import AdaptiveLimit, LimitSettings, SlotTimeout
 
 FAST, SLOW = 0.01, 0.5
@@ -168,3 +170,27 @@ async def test_worker_keeps_few_calls_in_flight_on_a_queueing_server(
     # Where AIMD settles depends on this machine's own latency; the margins are wide.
     assert statistics.median(fixed) >= 12, statistics.median(fixed)
     assert statistics.median(adaptive) <= min(6, statistics.median(fixed) / 2), adaptive
+
+
+async def test_the_next_call_goes_out_without_waiting_for_redis(
+    stack: Stack, proxy: ChaosProxy, prefect: PrefectRuns
+) -> None:
+    """A worker keeps a claimed job ready for each slot: when a call comes back, the
+    next one starts at once, and the take that refills the reserve (with the outcome)
+    runs while Prefect works. Redis is 100 ms away here, and Prefect takes 200 ms: a
+    worker that took the next job only once a call was back would start one call
+    every 300 ms or more."""
+    redis_rtt_s, prefect_s = 0.1, 0.2
+    proxy.latency_s = prefect_s
+    with TcpCut(stack.services.redis.port, delay_s=redis_rtt_s / 2) as far:
+        stack.start_worker(
+            prefect_api_url=proxy.url + "/api",
+            redis_url=f"redis://127.0.0.1:{far.port}/{stack.db}",
+            prefect_adaptive=False,
+            worker_concurrency=1,
+        )
+        await _drain(stack, prefect, 12)
+    starts = proxy.request_times[-12:]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert min(gaps) >= prefect_s, gaps  # one call at a time
+    assert statistics.median(gaps) < prefect_s + redis_rtt_s / 2, gaps

@@ -180,6 +180,9 @@ class AdaptiveLimit:
 
     def _pause_over(self) -> None:
         self._unpause = None
+        # The loop runs a timer up to its clock's resolution early: the pause is over
+        # now, not a few microseconds later (when nothing would wake the worker).
+        self._paused_until = 0.0
         if self.on_change is not None:
             self.on_change(self.slots)
         # Waiters in `slot` are woken under the condition's lock, from a task.

@@ -14,10 +14,16 @@ with the number of workers. Instead (see `worker.lua`):
   wakes it (`listen_for_work`), at most `worker_poll_delay_s`: polling every
   0.05 s cost an idle worker 16 ms of CPU a second, and 60 Redis commands.
 
-A job's call slot is reserved before it is taken and freed as soon as Prefect
-answers, before its outcome is written: the next call goes out at once, and
-Prefect never waits on this worker's bookkeeping. The outcome is written in the
-same round trip as the take that refills its slot (`Dispatcher.transition`).
+Prefect never waits on this worker's bookkeeping. A worker takes jobs for its
+free call slots and, beyond them, a few more (half its slots, at least one)
+that wait claimed, in memory, for a slot: when a call comes back, the next one
+goes out at once, without a round trip to Redis (`Dispatcher.wake` hands the
+slot over), and the take that refills the reserve runs while Prefect works.
+Without them, every call waited for a take first: a worker of 2 slots kept
+Prefect busy 1.5 of them (0.75x of a 2-process PostgreSQL Prefect's ceiling,
+bench/b2_throughput.py). A call slot is freed as soon as Prefect answers,
+before the outcome is written, and the outcome goes with the take that
+refills the reserve (`Dispatcher.transition`).
 At Prefect's pace, a round trip costs a worker more CPU than the rest of a job
 (each one wakes the process from idle: bench/b6_queue_ceiling.py --service-ms),
 so one per change instead of two is most of what a worker can save.
@@ -26,6 +32,7 @@ so one per change instead of two is most of what a worker can save.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -97,6 +104,8 @@ class Dispatcher:
         self._renewed_at = time.monotonic()
         self._woken = asyncio.Event()
         self._next_due_s: float | None = None  # from the last take that found too few
+        # Claimed jobs waiting for a call slot, oldest first (see the module's text).
+        self._ready: collections.deque[asyncio.Future[Slot]] = collections.deque()
         # Status changes waiting for the next take, in the order they were made.
         self._writes: list[tuple[Write, asyncio.Future[Transition]]] = []
 
@@ -117,8 +126,9 @@ class Dispatcher:
         return await asyncio.shield(future)
 
     def wake(self) -> None:
-        """A slot freed, the limit grew or jobs were enqueued: take more now, not at the
-        next poll."""
+        """A slot freed, the limit grew or jobs were enqueued: give the free slots to the
+        jobs ready for them, and take more now, not at the next poll."""
+        self._hand_over()
         self._woken.set()
         if self._filler is None or self._filler.done():
             self._filler = asyncio.create_task(self._fill_quietly())
@@ -139,46 +149,64 @@ class Dispatcher:
         async with self._lock:
             while True:
                 self._again = False
-                reserved = self._reserve()
-                if reserved is None:
+                plan = self._plan()
+                if plan is None:
                     return  # the writes waiting go with the take when those calls are back
+                reserved, ahead = plan
                 writes, self._writes = self._writes, []
-                if not reserved and not writes:
+                if not reserved and not ahead and not writes:
                     return
-                taken = await self._take(reserved, writes)
+                taken = await self._take(reserved, ahead, writes)
                 if taken is None:
                     return  # the next poll tries again
-                if not self._again and (not reserved or len(taken) < reserved):
+                if not self._again and (not reserved + ahead or len(taken) < reserved + ahead):
                     return
 
-    def _reserve(self) -> int | None:
-        """Reserve the call slots to take jobs into now (0: none; None: wait)."""
+    def _hand_over(self) -> None:
+        """Give free call slots to the jobs ready for them, oldest first: at once, so that
+        Prefect's next call never waits for a take."""
+        while self._ready:
+            if self._ready[0].done():  # its job was cancelled (the worker is stopping)
+                self._ready.popleft()
+            elif self.concurrency.reserve(1):
+                self._ready.popleft().set_result(Slot(self.concurrency, self.wake))
+            else:
+                return
+
+    def _plan(self) -> tuple[int, int] | None:
+        """How many jobs to take now: (into call slots reserved for them, to wait ready
+        for a slot); None: wait."""
         if not self.may_take():
-            return 0
+            return 0, 0
         if 0 < self.concurrency.paused_for_s <= _SHORT_PAUSE_S:
             return None  # the pause's end takes, with the writes waiting
+        self._hand_over()
         slots = self.concurrency.slots
+        ready = len(self._ready)
         # Jobs whose outcome waits for this take are done but for it: not counted.
-        running = len(self.tasks) - len(self._writes)
-        room = min(slots - self.concurrency.in_flight, self.settings.worker_concurrency - running)
+        running = len(self.tasks) - len(self._writes) - ready
+        free = min(slots - self.concurrency.in_flight, self.settings.worker_concurrency - running)
+        wanted = max(0, max(1, slots // 2) - ready)
         # With many calls in flight, wait for a quarter of them to come back and take
         # those jobs in one step: a take's own commands (the queue read, the lease, the
         # counters) are then shared, and so is the round trip of their outcomes. With
         # few, never wait. Calls in flight always come back (their slots are released
         # before their outcomes wait here), so the writes waiting are sent then.
-        if room < max(1, slots // 4) and self.concurrency.in_flight > 0:
+        if free + wanted < max(1, slots // 4) and self.concurrency.in_flight > 0:
             return None
-        return max(0, self.concurrency.reserve(room))
+        return max(0, self.concurrency.reserve(free)), wanted
 
     async def _take(
-        self, reserved: int, writes: list[tuple[Write, asyncio.Future[Transition]]]
+        self, reserved: int, ahead: int, writes: list[tuple[Write, asyncio.Future[Transition]]]
     ) -> list[Taken] | None:
         """One take with the writes waiting; None when it took nothing and should stop."""
         claimed = 0  # the reserved slots not claimed go back, whatever happens
         try:
             try:
                 took = await self.store.take(
-                    reserved, lease_s=self.settings.worker_lease_s, writes=[w for w, _ in writes]
+                    reserved + ahead,
+                    lease_s=self.settings.worker_lease_s,
+                    writes=[w for w, _ in writes],
                 )
             except TakeNotConfirmed as exc:
                 _resolve(writes, exc.took.written)
@@ -194,25 +222,39 @@ class Dispatcher:
             _resolve(writes, took.written)
             if took.failed is not None:
                 raise took.failed
-            if reserved:  # None when every slot was filled: a slot's release wakes it
+            if reserved + ahead:  # None when all were taken: a slot's release wakes it
                 self._next_due_s = took.next_due_s
-            claimed = sum(1 for job in took.taken if job.claimed)
+            claimed = min(reserved, sum(1 for job in took.taken if job.claimed))
         finally:
             await self.concurrency.release(reserved - claimed)
+        slots = claimed
         for job in took.taken:
-            self._start(job)
+            if not job.claimed:
+                self._start(job, None)
+            elif slots:
+                slots -= 1
+                self._start(job, Slot(self.concurrency, self.wake))
+            else:
+                ready: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+                self._ready.append(ready)
+                self._start(job, ready)
+        self._hand_over()  # a call that came back meanwhile left its slot free
         return took.taken
 
-    def _start(self, job: Taken) -> None:
-        slot = Slot(self.concurrency, self.wake) if job.claimed else None
+    def _start(self, job: Taken, slot: Slot | asyncio.Future[Slot] | None) -> None:
         job_id = job.record.job_id
         self.tasks[job_id] = asyncio.create_task(self._run(job, slot), name=f"job {job_id}")
 
-    async def _run(self, job: Taken, slot: Slot | None) -> None:
+    async def _run(self, job: Taken, slot: Slot | asyncio.Future[Slot] | None) -> None:
         try:
+            if isinstance(slot, asyncio.Future):
+                slot = await slot  # claimed, waiting for a call slot: see `_hand_over`
             await self.run(job, slot)
         finally:
-            if slot is not None:
+            if isinstance(slot, asyncio.Future):  # cancelled while waiting
+                if slot.done() and not slot.cancelled():
+                    await slot.result().release()  # handed over as the cancel came
+            elif slot is not None:
                 await slot.release()
             # Out of `tasks` now, not at the next poll: the room for a new job counts them.
             self.tasks.pop(job.record.job_id, None)
