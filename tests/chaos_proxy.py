@@ -61,6 +61,7 @@ class ChaosProxy:
         self.faults_sent = 0
         self.forwarded = 0
         self.request_times: list[float] = []  # time.monotonic() of every request
+        self.client_ports: set[int] = set()  # one per connection the clients made
         self._lock = threading.Lock()
         # A stalled server (see hold()): the requests it has read, oldest first.
         self._holding = False
@@ -123,6 +124,8 @@ class ChaosProxy:
         self.held = []
 
     async def _handle(self, request: Request) -> Response:
+        if request.client is not None:
+            self.client_ports.add(request.client.port)
         if self._holding:
             return await self._held(request)
         # Workers' health probes pass untouched and uncounted: faults are for the jobs.

@@ -15,10 +15,11 @@ from mcp import Client
 from prefect.client.orchestration import PrefectClient
 
 from mcp_frontend.server import build_server
+from tests.chaos_proxy import ChaosProxy
 from tests.conftest import Stack
 from tests.mcp_calls import ok, wait_terminal
 from tests.prefect_runs import PrefectRuns
-from worker.prefect_http import PrefectHttp
+from worker.prefect_http import REQUESTS_PER_CONNECTION, PrefectHttp
 
 
 async def test_a_gzipped_answer_reads_as_prefect_sent_it(stack: Stack) -> None:
@@ -45,6 +46,25 @@ async def test_a_change_is_applied_on_its_first_call(stack: Stack, prefect: Pref
     assert job["attempts"] == 1, job
     assert job["orchestration"]["reason"] is None, job
     assert [s["type"] for s in await prefect.history("task", run)] == ["PENDING", "RUNNING"]
+
+
+async def test_connections_are_renewed_so_that_a_multi_process_prefect_shares_them(
+    proxy: ChaosProxy,
+) -> None:
+    """A connection stays with the API process that accepted it, and a worker's few
+    connections were often all accepted by one of two (bench/b2_throughput.py, pg2):
+    one in every `REQUESTS_PER_CONNECTION` requests asks for its connection to be
+    closed, and the next is accepted by whichever process is free."""
+    renewals = 3
+    async with PrefectClient(proxy.url + "/api") as client:
+        http = PrefectHttp(client, max_connections=1)
+        try:
+            for _ in range(renewals * REQUESTS_PER_CONNECTION + 1):
+                answer = await http.send(http.build_request("GET", "/version"))
+                assert answer.status_code == 200
+        finally:
+            await http.aclose()
+    assert len(proxy.client_ports) == renewals + 1, proxy.client_ports
 
 
 async def test_an_unreachable_prefect_is_a_connect_error_nothing_sent(stack: Stack) -> None:
