@@ -104,6 +104,7 @@ bench: install bench-tools
 	$(BIN)/python bench/b5_tasks.py
 	$(BIN)/python bench/b6_queue_ceiling.py
 	$(BIN)/python bench/b6_queue_ceiling.py --service-ms 8 --changes 2400 --runs 400
+	$(BIN)/python bench/b6_queue_ceiling.py --service-ms 8 --prefect-max-rps 28 --changes 800 --runs 200 --workers 1,4
 	$(BIN)/python bench/summary.py > bench/results/summary.md
 	@cat bench/results/summary.md
 

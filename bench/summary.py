@@ -91,6 +91,11 @@ def main() -> None:
         body = markdown(paced["bare_client"], ["mode", "calls_per_s", "cpu_ms_client"])
         body += "\n\n" + markdown(paced["rows"], cols)
         parts.append(section(paced, "B6 paced: the queue's CPU at Prefect's pace", body))
+    if limited := load("b6_queue_rate_limited"):
+        cols = ["workers", "applied_per_s", "cpu_ms_worker", "cpu_ms_redis"]
+        cols += ["redis_commands_per_change"]
+        title = "B6 rate-limited: waiting for the shared Prefect budget"
+        parts.append(section(limited, title, markdown(limited["rows"], cols)))
     if b5 := load("b5_tasks"):
         body = markdown(b5["answer"], ["call", "p50_ms", "p99_ms"]) + "\n\n"
         cols = ["follow with", "changes", "requests_per_change", "lag_p50_ms", "lag_p95_ms"]

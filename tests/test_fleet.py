@@ -2,11 +2,13 @@
 
 import asyncio
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from mcp import Client
+from redis.asyncio import Redis
 
 from mcp_frontend.server import build_server
 from tests.chaos_proxy import ChaosProxy, Fault
@@ -22,6 +24,7 @@ from tests.fleet import (
 from tests.mcp_calls import error, ok
 from tests.prefect_runs import PrefectRuns
 from worker.contract import QUEUE_KEY
+from worker.store import RateLimiter
 
 
 async def test_per_run_order_holds_across_4_workers_and_20_clients(
@@ -215,6 +218,41 @@ async def test_shared_rate_limit_holds_across_workers_and_fails_nothing(
     busiest = max(sum(1 for t in times if t0 <= t < t0 + 1.0) for t0 in times)
     assert busiest <= 6, f"{busiest} Prefect calls within one second"  # 5/s, edge-inclusive
     assert times[-1] - times[0] >= 29 / 5 - 0.5
+
+
+async def test_calls_waiting_on_the_rate_limit_ask_redis_once_each(stack: Stack) -> None:
+    """Each call books its turn of the shared budget and waits for it: 16 calls waiting
+    on 20/s used to wake together, and all but one asked again (67 Redis commands per
+    call in bench/b6_queue_ceiling.py with PMQ_PREFECT_MAX_RPS)."""
+    calls, rate = 32, 20.0
+    client = Redis.from_url(stack.settings.redis_url)
+    limiter = RateLimiter(client, rate)
+    turns: list[float] = []
+
+    async def call(n: int) -> None:
+        for _ in range(n):
+            booked, wait_s = await limiter.book(longest_wait_s=10)
+            assert booked
+            await asyncio.sleep(wait_s)  # the booked turn
+            turns.append(time.monotonic())
+
+    before = _calls(stack, "evalsha")
+    try:
+        await asyncio.gather(*(call(calls // 16) for _ in range(16)))
+    finally:
+        await client.aclose()
+    assert _calls(stack, "evalsha") - before == calls
+    turns.sort()
+    assert turns[-1] - turns[0] >= (calls - 1) / rate - 0.05, turns  # the rate held
+    # A turn too far off is not booked: the job goes back to the queue instead.
+    client = Redis.from_url(stack.settings.redis_url)
+    one_a_second = RateLimiter(client, 1.0)
+    try:
+        assert (await one_a_second.book(longest_wait_s=10))[0]
+        booked, wait_s = await one_a_second.book(longest_wait_s=0.5)
+    finally:
+        await client.aclose()
+    assert not booked and wait_s > 0.5
 
 
 def _calls(stack: Stack, command: str) -> int:

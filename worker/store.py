@@ -513,10 +513,14 @@ class RateLimiter:
         self.burst_ms = (burst - 1) * self.interval_ms
         self._script = redis.register_script(lua.RATE_LIMIT)
 
-    async def try_acquire(self) -> float:
-        """0 if a call may go now (and counts it), else the seconds to wait."""
-        wait_ms = await self._script(keys=[RATE_LIMIT_KEY], args=[self.interval_ms, self.burst_ms])
-        return int(wait_ms) / 1000
+    async def book(self, longest_wait_s: float) -> tuple[bool, float]:
+        """Book a call's turn if it comes within `longest_wait_s`: (True, seconds until
+        it); else (False, seconds until a turn would come), and nothing is booked."""
+        booked, wait_ms = await self._script(
+            keys=[RATE_LIMIT_KEY],
+            args=[self.interval_ms, self.burst_ms, round(longest_wait_s * 1000)],
+        )
+        return bool(booked), int(wait_ms) / 1000
 
 
 def _transition(reply: list[Any]) -> Transition:
