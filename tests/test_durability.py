@@ -182,16 +182,22 @@ async def test_replicas_level_tells_the_caller_when_no_replica_confirms_and_a_re
     may or may not be stored. Resent with the same key once the replica is back, it
     gets the same job, applied once."""
     stack = stack_on(services, master, durability="replicas", durability_timeout_s=0.5)
+    # The short wait is for the call made while the replica is frozen; the others, made
+    # while it runs, may wait longer (on a busy machine a replica once took over 0.5 s).
+    patient = stack.settings.model_copy(update={"durability_timeout_s": 3.0})
     [(_, run)] = await make_runs(prefect, 1, kinds=("flow",))
     change = {"flow_run_id": run, "state": "RUNNING", "idempotency_key": f"k-{run}"}
     try:
-        async with Client(build_server(stack.settings)) as client:
+        async with (
+            Client(build_server(patient)) as client,
+            Client(build_server(stack.settings)) as hasty,
+        ):
             first = await ok(client, "set_flow_run_state", **change)
             assert calls(master, "wait") == 2  # the first write: NOSCRIPT, load, again
             assert replica.proc is not None
             os.kill(replica.proc.pid, signal.SIGSTOP)
             second = {**change, "state": "COMPLETED", "idempotency_key": f"k2-{run}"}
-            message = await error(client, "set_flow_run_state", **second)
+            message = await error(hasty, "set_flow_run_state", **second)
             assert "may or may not be stored" in message and RESEND in message
             assert "0 of 1 replicas confirmed it within 0.5 s" in message
             os.kill(replica.proc.pid, signal.SIGCONT)
@@ -212,9 +218,12 @@ async def test_a_worker_does_not_call_prefect_on_a_claim_no_replica_confirmed(
     """A failover could bring the job back unclaimed after Prefect took the change, and
     it would be applied twice: the worker calls Prefect only on a replicated claim."""
     stack = stack_on(services, master, durability="replicas", durability_timeout_s=0.5)
+    # The worker's short wait is the one under test; the enqueue, made while the replica
+    # runs, may wait longer (on a busy machine a replica once took over 0.5 s to confirm).
+    frontend = stack.settings.model_copy(update={"durability_timeout_s": 3.0})
     [(_, run)] = await make_runs(prefect, 1, kinds=("task",))
     try:
-        async with Client(build_server(stack.settings)) as client:
+        async with Client(build_server(frontend)) as client:
             ticket = await ok(client, "set_task_run_state", task_run_id=run, state="RUNNING")
             assert replica.proc is not None
             os.kill(replica.proc.pid, signal.SIGSTOP)

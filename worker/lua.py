@@ -242,7 +242,8 @@ return {"claimed"}
 #   call got no answer) or past its deadline: "held", for the worker to settle;
 # - behind an unfinished earlier change: parked (`waiting`, `blocked_on`), due at
 #   the recheck; the earlier change's end wakes it;
-# - else "claimed": `running`, its call due now.
+# - else "claimed": `running`, its call due now (or, for a job the worker keeps
+#   ready, as soon as one of its calls comes back: see `worker.dispatch`).
 # KEYS: the queue
 # ARGV: record prefix, n, lease ms, grace ms, recheck ms, now (ISO, for the record),
 #       the recheck time (ISO, shown while parked), status channel

@@ -119,8 +119,9 @@ class TakeNotConfirmed(Exception):
 
 @dataclass(frozen=True)
 class Taken:
-    """A job a worker took from the queue: claimed (its call is due now), or held
-    for the worker to settle an earlier try first (see `worker.lua.TAKE`)."""
+    """A job a worker took from the queue: claimed (its call is due now, or once a call
+    slot frees: `worker.dispatch`), or held for the worker to settle an earlier try
+    first (see `worker.lua.TAKE`)."""
 
     record: JobRecord
     claimed: bool
