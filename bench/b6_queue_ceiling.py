@@ -52,6 +52,11 @@ from worker.fleet_stats import STATS_KEY
 HERE = Path(__file__).resolve().parent
 ONE_WORKER_GOAL_PER_S = 1_000
 SCALE_GOAL = 1.5  # 4 workers vs 1, on 2 cores
+COMMANDS_GOAL = 20
+# A call's booking of the shared budget (worker.lua.RATE_LIMIT) is EVALSHA, TIME,
+# GET and SET. Beyond those, waiting must cost nothing: no change refused its turn,
+# requeued and taken again.
+BOOKING_COMMANDS = 4
 
 
 def start_standin(stack: BenchStack, service_ms: float = 0.0) -> Service:
@@ -264,17 +269,10 @@ def paced_goals(report: Report, rows: list[dict[str, Any]]) -> None:
     )
 
 
-COMMANDS_GOAL = 20
-# A call's booking of the shared budget (worker.lua.RATE_LIMIT) is EVALSHA, TIME,
-# GET and SET. Beyond those, waiting must cost nothing: no change refused its turn,
-# requeued and taken again.
-BOOKING_COMMANDS = 4
-
-
 def commands_goal(report: Report, rows: list[dict[str, Any]], *, extra: int = 0) -> None:
     commands = max(row["redis_commands_per_change"] for row in rows)
     goal = COMMANDS_GOAL + extra
-    what = f" (20, plus the booking's {extra})" if extra else ""
+    what = f" ({COMMANDS_GOAL}, plus the booking's {extra})" if extra else ""
     report.goal(
         f"<= {goal} Redis commands per applied change{what}",
         commands <= goal,

@@ -50,8 +50,8 @@ _EXACT = math.inf
 # answering. A Prefect of several API processes (or replicas behind a TCP load
 # balancer) keeps a connection where it was accepted, and the processes accept
 # in bursts: a worker's few connections often all landed on one process, which
-# then served them all while the other idled (a 2-process Prefect applied 160
-# changes/s one time and 265 the next, with 4 calls in flight). A connection made
+# then served them all while the other idled (a 2-process Prefect applied 170
+# changes/s one time and 267 the next, with 4 calls in flight). A connection made
 # later is accepted by whichever process is idle, so the load spreads within a
 # second or two. Reconnecting costs each side a fraction of a millisecond.
 REQUESTS_PER_CONNECTION = 50
