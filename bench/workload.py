@@ -49,7 +49,9 @@ def plan(runs: list[str], steps: int, seed: int) -> list[dict[str, Any]]:
 async def create_task_runs(api_url: str, count: int) -> list[str]:
     """`count` task runs in PENDING, one at a time (SQLite answers 503 to concurrent creates)."""
     flow = {"name": "pmq-bench"}
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+    # Connection refusals are tried again (by httpx); see the create's own retry below.
+    retrying = httpx.AsyncHTTPTransport(retries=2)
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, transport=retrying) as http:
         flow_id = (await http.post("/flows/", json=flow)).json()["id"]
         flow_run = await http.post(
             "/flow_runs/", json={"flow_id": flow_id, "state": {"type": "RUNNING"}}
@@ -65,7 +67,16 @@ async def create_task_runs(api_url: str, count: int) -> list[str]:
                 "name": f"bench-{index}",
                 "state": {"type": "PENDING"},
             }
-            response = await http.post("/task_runs/", json=body)
+            # A create is idempotent (Prefect returns the run of the same keys), so a
+            # dropped connection is tried again: a 2-process Prefect has closed one
+            # mid-setup (httpx.ReadError) in 2 of ~10 bench starts on 2026-12-04.
+            for attempt in range(3):
+                try:
+                    response = await http.post("/task_runs/", json=body)
+                    break
+                except httpx.ReadError:
+                    if attempt == 2:
+                        raise
             response.raise_for_status()
             runs.append(response.json()["id"])
 
