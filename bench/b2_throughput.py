@@ -13,10 +13,11 @@ PostgreSQL) and `pmq serve`, and creates the task runs. Then, in the same run:
   with a fixed 20 calls in flight: PMQ_PREFECT_ADAPTIVE=false; on 2 API processes,
   by 1 and 4 workers with PMQ_PREFECT_LATENCY_TOLERANCE=4);
 - brackets: the direct client at the best concurrency again before the first
-  drain and after each one. Prefect's database grows with every change, and a
-  later mode meets a slower Prefect; the mean of a drain's two brackets is the
-  ceiling of its own part of the run, and the goal is judged against it (the
-  ratio to the sweep's best is reported too).
+  drain and after each one. Its rate moves through a run (Prefect's database
+  grows with every change; connections spread over API processes by chance);
+  the mean of a drain's two brackets is the ceiling of its own part of the
+  run, and the goal is judged against it (the ratio to the sweep's best is
+  reported too).
 
 Applied/s is changes over the time from the first submit to the last
 terminal job. Prefect's p99 during a drain is read from the workers'
@@ -239,11 +240,12 @@ async def one_backend(
             rows[-1]["mode"] += ", bracket"
             return mark
 
-        # Prefect slows as its database grows: by the last drain, the best direct
-        # rate had fallen to 0.67x (PostgreSQL) and 0.82x (SQLite) of the sweep's
-        # in one run. So each drain is also judged against the direct client at the
-        # best concurrency right before and right after it: their mean is its
-        # bracket, the ceiling of its own part of the run.
+        # The direct rate moves through a run (the database grows with every change,
+        # and connections spread over API processes by chance): after the last
+        # drain of one run it was 0.67x (PostgreSQL) and 0.82x (SQLite) the sweep's
+        # best. So each drain is also judged against the direct client at the best
+        # concurrency right before and right after it: their mean is its bracket,
+        # the ceiling of its own part of the run.
         marks = [await bracket(seed=99)]
         for seed, (label, settings) in enumerate(configs, start=100):
             row, timeline = await queue_drain(

@@ -58,6 +58,7 @@ def main() -> None:
             "mode",
             "applied_per_s",
             "x_direct_ceiling",
+            "bracket_per_s",
             "x_bracket",
             "prefect_p50_ms",
             "prefect_p99_ms",

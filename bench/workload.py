@@ -74,7 +74,7 @@ async def create_task_runs(api_url: str, count: int) -> list[str]:
                 try:
                     response = await http.post("/task_runs/", json=body)
                     break
-                except httpx.ReadError:
+                except (httpx.ReadError, httpx.RemoteProtocolError):
                     if attempt == 2:
                         raise
             response.raise_for_status()

@@ -219,9 +219,11 @@ async def test_f5_frontend_killed_and_restarted_while_clients_submit(
         asyncio.create_task(resend_until_ticketed(url, plan, progress[i]))
         for i, plan in enumerate(plans)
     ]
+    deadline = time.monotonic() + 120
     while sum(map(len, progress)) < 300:
         done = [t.exception() or "finished" for t in sending if t.done()]
         assert not done, f"an agent ended before the kill: {done}"
+        assert time.monotonic() < deadline, f"{sum(map(len, progress))} of 300 tickets in 120 s"
         await asyncio.sleep(0.05)
     frontend.kill()
 
