@@ -66,6 +66,11 @@ WARM_UP_CHANGES = 300
 TOLERANT = 4.0  # PMQ_PREFECT_LATENCY_TOLERANCE in the extra pg2 modes
 
 
+def queue_label(workers: int, variant: str = "") -> str:
+    """A drain's mode; a `variant` (", fixed 20") starts with a comma, the defaults have none."""
+    return f"queue {workers} worker{'s' if workers > 1 else ''}{variant}"
+
+
 async def submit(url: str, changes: list[dict[str, Any]]) -> list[str]:
     async with Client(url) as client:
         ids: list[str] = []
@@ -218,21 +223,22 @@ async def one_backend(
         _, url = stack.frontend("frontend")
         timelines: dict[str, list[tuple[float, int]]] = {}
         configs: list[tuple[str, dict[str, Any]]] = [
-            (f"queue {n} worker{'s' if n > 1 else ''}", {"workers": n})
-            for n in map(int, args.workers.split(","))
+            (queue_label(n), {"workers": n}) for n in map(int, args.workers.split(","))
         ]
         if backend == "sqlite":
             configs.append(
                 (
-                    "queue 1 worker, fixed 20",
+                    queue_label(1, ", fixed 20"),
                     {"workers": 1, "prefect_adaptive": "false", "worker_concurrency": 20},
                 )
             )
-        if backend == "pg2":  # the setting the README suggests for several API processes
+        if backend == "pg2":  # a larger tolerance, measured against the default
             configs += [
-                (f"queue {n} worker{'s' if n > 1 else ''}, tolerance {TOLERANT:g}", tolerant)
+                (
+                    queue_label(n, f", tolerance {TOLERANT:g}"),
+                    {"workers": n, "prefect_latency_tolerance": TOLERANT},
+                )
                 for n in (1, 4)
-                for tolerant in [{"workers": n, "prefect_latency_tolerance": TOLERANT}]
             ]
 
         async def bracket(seed: int) -> DirectResult:
